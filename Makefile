@@ -1,0 +1,55 @@
+# Image classifier: train with Lightning, track with MLflow, serve with BentoML.
+# `make help` lists the targets; variables: DATA, MODELS, EPOCHS, RESUME, PROFILE, ARGS.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?=
+MODELS ?=
+EPOCHS ?=
+RESUME ?=
+PROFILE ?= auto
+ARGS ?=
+MODEL ?= models:/cifar4-classifier@champion
+MLFLOW_PORT ?= 5000
+
+.DEFAULT_GOAL := help
+.PHONY: help install train evaluate download mlflow-ui test test-fast bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[serve,dev]"
+	touch $@
+
+install: $(BIN)/.installed ## create .venv and install the package with its dev tools
+
+train: install ## train the families (DATA=dir MODELS=lenet,vgg,resnet EPOCHS=n RESUME=1), register the champion
+	$(BIN)/pipeline train --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(MODELS),--models $(MODELS)) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RESUME),--resume) $(ARGS)
+
+evaluate: install ## score MODEL (default: the champion) on DATA
+	$(BIN)/pipeline evaluate --data $(DATA) --model "$(MODEL)" $(ARGS)
+
+download: install ## download CIFAR-10 and write data/cifar4/{train,test}/{bird,boat,cat,dog}
+	$(BIN)/pipeline download
+
+mlflow-ui: install ## browse the runs: MLflow UI on http://127.0.0.1:5000 (MLFLOW_PORT=...)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+test: install ## run the test suite (CPU, about 5 minutes)
+	$(BIN)/python -m pytest
+
+test-fast: install ## the tests that take seconds
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: install ## Lightning vs plain PyTorch training throughput (DATA=dir)
+	$(BIN)/python bench/train_overhead.py --data $(DATA)
+
+clean: ## remove checkpoints and caches (keeps mlflow.db and mlartifacts)
+	rm -rf checkpoints .pytest_cache lightning_logs

@@ -1,0 +1,204 @@
+"""The ``pipeline`` command: train, evaluate, download, champion."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+DEFAULT_DATA = Path("data") / "cifar4"
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+    from lightning.pytorch.utilities import rank_zero_only
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import available_models, resolve_config
+    from pipeline.data import resolve_data_dir
+    from pipeline.registry import promote_champion
+    from pipeline.tracking import setup_tracking
+    from pipeline.train import train_family
+
+    data_dir = args.data
+    if data_dir is None:
+        data_dir = str(DEFAULT_DATA)
+        if not (DEFAULT_DATA / "train").is_dir():
+            from pipeline.download import download_cifar4
+
+            console.print(f"No --data given: downloading CIFAR-10's bird, boat, cat, dog into {data_dir}")
+            download_cifar4(DEFAULT_DATA)
+    resolve_data_dir(data_dir)  # fail before anything else when the folder is wrong
+    profile = args.profile if args.profile != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    families = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else available_models()
+    overrides = list(args.set or [])
+    if args.epochs is not None:
+        overrides.append(f"trainer.max_epochs={args.epochs}")
+    configs = [resolve_config(family, profile, overrides) for family in families]
+    experiment = args.experiment or configs[0]["tracking"]["experiment"]
+    uri, experiment_id = setup_tracking(experiment)
+    if rank_zero_only.rank == 0:
+        console.print(f"Profile [bold]{profile}[/], models {', '.join(families)}, data {data_dir}, "
+                      f"tracking {uri} (experiment {experiment!r})")
+    results = []
+    for config in configs:
+        started = time.perf_counter()
+        result = train_family(config, data_dir, experiment, uri, resume=args.resume)
+        if result is not None:
+            console.print(f"[green]{result.family}[/]: val acc {result.val_acc:.4f} in "
+                          f"{time.perf_counter() - started:.0f} s, run {result.run_id}, model {result.model_uri}")
+            results.append(result)
+    if rank_zero_only.rank != 0:
+        return 0
+    tracking = configs[0]["tracking"]
+    name, alias = args.registered_model or tracking["registered_model"], tracking["alias"]
+    decision = promote_champion(MlflowClient(uri), experiment_id, name, alias)
+    console.print(decision.table)
+    if decision.promoted:
+        console.print(f"[bold green]{name}@{alias}[/] -> version {decision.version} "
+                      f"(val acc {decision.best_val_acc:.4f}, was {decision.previous_val_acc})")
+    else:
+        console.print(f"{name}@{alias} stays at version {decision.version} "
+                      f"(val acc {decision.previous_val_acc}); best run now {decision.best_val_acc}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import mlflow
+    import numpy as np
+
+    from pipeline.data import DataError, load_image_folder, resolve_data_dir
+    from pipeline.evaluation import score
+    from pipeline.predictor import OnnxClassifier
+    from pipeline.tracking import setup_tracking
+
+    _, experiment_id = setup_tracking(args.experiment)
+    model = OnnxClassifier.from_mlflow(args.model)
+    train_dir, test_dir = resolve_data_dir(args.data)
+    folder = test_dir or train_dir
+    data = load_image_folder(folder, model.image_size)
+    missing = sorted(set(data.classes) - set(model.classes))
+    if missing:
+        raise DataError(f"Folder {str(folder)!r} has classes the model does not know: {', '.join(missing)}.")
+    labels = np.array([model.classes.index(data.classes[i]) for i in data.labels.tolist()])
+    started = time.perf_counter()
+    probabilities = model.predict_proba(data.images.numpy())
+    seconds = time.perf_counter() - started
+    scores = score(probabilities, labels, model.classes)
+    console.print(scores.table(f"{args.model} on {folder}: accuracy {scores.accuracy:.4f} "
+                               f"({len(labels):,} images, {len(labels) / seconds:,.0f} img/s)"))
+    if args.log:
+        import tempfile
+
+        from pipeline.plots import plot_confusion_matrix
+
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate {Path(folder).name}") as run:
+            mlflow.set_tags({"kind": "evaluation", "model": args.model, "data_dir": str(folder),
+                             "data_fingerprint": data.fingerprint})
+            mlflow.log_metrics(scores.metrics("eval/"))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = plot_confusion_matrix(scores.confusion, model.classes, Path(tmp) / "confusion_matrix.png",
+                                             f"{args.model} on {folder}")
+                mlflow.log_artifact(str(path), artifact_path="plots")
+        console.print(f"Logged to MLflow run {run.info.run_id}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from pipeline.download import download_cifar4
+
+    console.print(f"Wrote {download_cifar4(args.out)}")
+    return 0
+
+
+def _champion(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.registry import promote_champion
+    from pipeline.tracking import setup_tracking
+
+    uri, experiment_id = setup_tracking(args.experiment)
+    decision = promote_champion(MlflowClient(uri), experiment_id, args.registered_model, args.alias)
+    console.print(decision.table)
+    console.print(f"{args.registered_model}@{args.alias}: version {decision.version}"
+                  f"{' (promoted)' if decision.promoted else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train model families, log to MLflow, register the champion")
+    train.add_argument("--data", help="image folder: DIR/<class>/*.jpg or DIR/{train,test}/<class>/*.jpg "
+                                      f"(default: {DEFAULT_DATA}, downloaded when missing)")
+    train.add_argument("--models", help="comma-separated families (default: every configs/model/*.yaml)")
+    train.add_argument("--profile", default="auto", choices=["auto", "cpu", "gpu"],
+                       help="configs/profile/<name>.yaml; auto picks gpu when CUDA is available")
+    train.add_argument("--epochs", type=int, help="override trainer.max_epochs for every family")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override any config value, e.g. --set data.batch_size=256 (repeatable)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the newest unfinished run of each family from its last checkpoint")
+    train.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in configs)")
+    train.add_argument("--registered-model", help="registry name (default: tracking.registered_model)")
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("evaluate", help="score a registered model on an image folder")
+    evaluate.add_argument("--data", required=True, help="image folder (its test/ split when it has one)")
+    evaluate.add_argument("--model", default="models:/cifar4-classifier@champion", help="MLflow model URI")
+    evaluate.add_argument("--log", action="store_true", help="log the scores and confusion matrix to MLflow")
+    evaluate.add_argument("--experiment", default="cifar4-evaluations")
+    evaluate.set_defaults(func=_evaluate)
+
+    download = sub.add_parser("download", help="download CIFAR-10 and write bird/boat/cat/dog folders")
+    download.add_argument("--out", default=str(DEFAULT_DATA))
+    download.set_defaults(func=_download)
+
+    champion = sub.add_parser("champion", help="re-run the champion selection over an experiment's runs")
+    champion.add_argument("--experiment", default="cifar4")
+    champion.add_argument("--registered-model", default="cifar4-classifier")
+    champion.add_argument("--alias", default="champion")
+    champion.set_defaults(func=_champion)
+    return parser
+
+
+def quiet_known_noise() -> None:
+    """Drop advice and warnings that do not apply to this project's setup."""
+    import logging
+    import warnings
+
+    class DropAdverts(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "litlogger" not in record.getMessage()
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DropAdverts())
+    for pattern in (".*LeafSpec.*", ".*smaller than the logging interval.*", ".*does not have many workers.*",
+                    ".*CUDAExecutionProvider.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_known_noise()
+    from pipeline.data import DataError
+    from pipeline.predictor import ModelError
+    from pipeline.tracking import TrackingError
+
+    try:
+        return args.func(args)
+    except (DataError, TrackingError, ModelError) as error:
+        errors.print(f"[bold red]error:[/] {error}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: resume with `pipeline train --resume` (make train RESUME=1)")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Turn a trained :class:`~pipeline.module.Classifier` into an MLflow Model (ONNX + metadata)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.onnx
+import numpy as np
+import onnx
+import torch
+from mlflow.models import infer_signature
+from torch import nn
+
+from pipeline.predictor import METADATA_FILE, ONNX_FILE, OnnxClassifier
+
+
+class WithSoftmax(nn.Module):
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(image), dim=-1)
+
+
+def export_onnx(classifier: nn.Module, image_size: int, path: Path) -> Path:
+    """Export normalization + network + softmax, with a dynamic batch dimension."""
+    model = WithSoftmax(classifier).eval().to(memory_format=torch.contiguous_format).float().cpu()
+    example = torch.rand(2, 3, image_size, image_size)
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, input_names=["image"], output_names=["probabilities"],
+        dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},), verbose=False,
+    )
+    program.save(str(path))
+    return path
+
+
+def torch_probabilities(classifier: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    classifier = classifier.eval().cpu().float()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images_uint8), batch_size):
+            batch = images_uint8[start : start + batch_size].float().div(255.0)
+            out.append(torch.softmax(classifier(batch), dim=-1).numpy())
+    return np.concatenate(out)
+
+
+def log_classifier(
+    classifier: nn.Module, metadata: dict[str, Any], example_images: torch.Tensor
+) -> tuple[str, float]:
+    """Log the model to the active MLflow run; return (model_uri, max |onnx - torch| on the examples)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        onnx_path = export_onnx(classifier, int(metadata["image_size"]), folder / ONNX_FILE)
+        meta_path = folder / METADATA_FILE
+        meta_path.write_text(json.dumps(metadata, indent=2))
+        expected = torch_probabilities(classifier, example_images)
+        got = OnnxClassifier(onnx_path, metadata).predict_proba(example_images.numpy())
+        max_diff = float(np.abs(expected - got).max())
+        if max_diff > 1e-4:
+            raise RuntimeError(f"ONNX export disagrees with torch by {max_diff:.2e} (> 1e-4)")
+        example = example_images[:2].numpy().astype(np.float32) / 255.0
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name="model",
+            input_example=example,
+            signature=infer_signature(example, expected[:2]),
+            metadata=metadata,
+            extra_files=[str(meta_path)],
+            save_as_external_data=False,
+            onnx_execution_providers=["CPUExecutionProvider"],
+        )
+    return info.model_uri, max_diff

@@ -1,0 +1,55 @@
+"""PNG figures logged with every run: confusion matrix and learning curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
+    matrix = np.asarray(matrix)
+    fraction = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5), dpi=100)
+    ax.imshow(fraction, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{matrix[i, j]}\n{fraction[i, j]:.0%}", ha="center", va="center",
+                    color="white" if fraction[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_title(title or "confusion matrix (rows: true class)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(history: dict[str, list[float]], path: Path, title: str = "") -> Path:
+    """``history`` maps metric names (``train/loss``, ``val/acc``, ...) to one value per epoch."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for name, values in sorted(history.items()):
+        if not values:
+            continue
+        epochs = range(1, len(values) + 1)
+        if name.endswith("/loss"):
+            loss_ax.plot(epochs, values, marker=".", label=name)
+        elif name.endswith("/acc"):
+            acc_ax.plot(epochs, values, marker=".", label=name)
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,73 @@
+"""Run an exported classifier with ONNX Runtime: no torch, no training code, no pickles.
+
+A model folder holds ``model.onnx`` (normalization, network and softmax in one graph,
+input ``image``: float32 ``(N, 3, H, W)`` in [0, 1]) and ``classifier.json`` (class names,
+input size, normalization, architecture and its constructor arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METADATA_FILE = "classifier.json"
+ONNX_FILE = "model.onnx"
+
+
+class ModelError(RuntimeError):
+    """A model folder is missing, incomplete or inconsistent; the message says which."""
+
+
+def find_model_files(directory: str | Path) -> tuple[Path, Path]:
+    directory = Path(directory)
+    onnx_files = sorted(directory.rglob(ONNX_FILE))
+    meta_files = sorted(directory.rglob(METADATA_FILE))
+    if not onnx_files or not meta_files:
+        raise ModelError(f"Model folder {str(directory)!r} lacks {ONNX_FILE} or {METADATA_FILE}.")
+    return onnx_files[0], meta_files[0]
+
+
+class OnnxClassifier:
+    def __init__(self, onnx_path: str | Path, metadata: dict[str, Any], threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.metadata = metadata
+        self.classes: list[str] = list(metadata["classes"])
+        self.image_size: int = int(metadata["image_size"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        outputs = self.session.get_outputs()
+        width = outputs[0].shape[-1]
+        if isinstance(width, int) and width != len(self.classes):
+            raise ModelError(
+                f"Model {str(onnx_path)!r} outputs {width} classes but its metadata names "
+                f"{len(self.classes)}: {self.classes}."
+            )
+        self.input_name = self.session.get_inputs()[0].name
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, threads: int | None = None) -> "OnnxClassifier":
+        onnx_path, meta_path = find_model_files(directory)
+        return cls(onnx_path, json.loads(meta_path.read_text()), threads)
+
+    @classmethod
+    def from_mlflow(cls, model_uri: str, threads: int | None = None) -> "OnnxClassifier":
+        import mlflow
+
+        return cls.from_dir(mlflow.artifacts.download_artifacts(model_uri), threads)
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """uint8 ``(N, 3, H, W)`` images -> float32 ``(N, classes)`` softmax probabilities."""
+        if images.ndim == 3:
+            images = images[None]
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].astype(np.float32) / np.float32(255.0)
+            out.append(self.session.run(None, {self.input_name: batch})[0])
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)

@@ -1,0 +1,76 @@
+"""Pick the best finished run and point the registry alias (``champion``) at it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from rich.table import Table
+
+METRIC = "best_val_acc"
+
+
+@dataclass
+class ChampionDecision:
+    best_run_id: Optional[str]
+    best_val_acc: Optional[float]
+    previous_val_acc: Optional[float]
+    version: Optional[str]
+    promoted: bool
+    table: Table
+
+
+def candidate_runs(client: MlflowClient, experiment_id: str):
+    """Finished runs that logged an MLflow Model, best validation accuracy first."""
+    runs = client.search_runs(
+        [experiment_id], f"attributes.status = 'FINISHED' and metrics.{METRIC} > 0",
+        order_by=[f"metrics.{METRIC} DESC", "attributes.start_time DESC"], max_results=200,
+    )
+    return [run for run in runs if run.data.tags.get("model_uri")]
+
+
+def current_champion(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def comparison_table(runs, champion_run_id: Optional[str], limit: int = 15) -> Table:
+    table = Table(title="Runs of the experiment by validation accuracy")
+    for column in ("run", "family", "arch args", "params", "epochs", "val acc", ""):
+        table.add_column(column, justify="right" if column in ("params", "epochs", "val acc") else "left")
+    for run in runs[:limit]:
+        params, tags = run.data.params, run.data.tags
+        table.add_row(
+            run.info.run_id[:8], tags.get("family", "?"),
+            " ".join(f"{k[len('model.args.'):]}={v}" for k, v in sorted(params.items()) if k.startswith("model.args.")),
+            params.get("n_parameters", ""), params.get("trainer.max_epochs", ""),
+            f"{run.data.metrics[METRIC]:.4f}", "champion" if run.info.run_id == champion_run_id else "",
+        )
+    return table
+
+
+def promote_champion(client: MlflowClient, experiment_id: str, name: str, alias: str = "champion") -> ChampionDecision:
+    """Register the best run's model and move ``alias`` to it when it beats the current champion."""
+    runs = candidate_runs(client, experiment_id)
+    champion = current_champion(client, name, alias)
+    previous = None
+    if champion is not None:
+        previous = client.get_run(champion.run_id).data.metrics.get(METRIC) if champion.run_id else None
+    if not runs:
+        return ChampionDecision(None, None, previous, None, False, comparison_table([], None))
+    best = runs[0]
+    best_acc = best.data.metrics[METRIC]
+    if champion is not None and (champion.run_id == best.info.run_id or (previous is not None and best_acc <= previous)):
+        return ChampionDecision(best.info.run_id, best_acc, previous, champion.version, False,
+                                comparison_table(runs, champion.run_id))
+    mlflow.set_tracking_uri(client.tracking_uri)
+    version = mlflow.register_model(best.data.tags["model_uri"], name,
+                                    tags={"val_acc": f"{best_acc:.4f}", "family": best.data.tags.get("family", "")})
+    client.set_registered_model_alias(name, alias, version.version)
+    return ChampionDecision(best.info.run_id, best_acc, previous, version.version, True,
+                            comparison_table(runs, best.info.run_id))

@@ -1,0 +1,72 @@
+"""Where runs go: the MLflow tracking URI, experiments and a reachability check."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used; the message names the URI."""
+
+
+def project_dir() -> Path:
+    return Path(os.environ.get("PIPELINE_HOME", Path.cwd()))
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{project_dir().resolve() / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else an embedded sqlite store in the project folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def check_tracking(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one sentence, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"answered {response.status}"
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        problem = str(getattr(error, "reason", error))
+    raise TrackingError(f"MLflow tracking server {uri} is unreachable ({problem}).")
+
+
+def setup_tracking(experiment: str) -> tuple[str, str]:
+    """Point mlflow at the tracking store and return ``(uri, experiment_id)``."""
+    uri = tracking_uri()
+    check_tracking(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return uri, found.experiment_id
+    artifact_location = None
+    if uri == default_tracking_uri():
+        # Artifacts beside the database, not in MLflow's ./mlruns of whatever folder runs it.
+        artifact_location = (project_dir() / "mlartifacts").resolve().as_uri()
+    return uri, client.create_experiment(experiment, artifact_location=artifact_location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,167 @@
+"""Train one network family: config -> datamodule -> LightningModule -> Trainer -> MLflow run."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import mlflow
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from pipeline.config import flatten
+from pipeline.data import ImageFolderDataModule
+from pipeline.evaluation import score
+from pipeline.export import log_classifier, torch_probabilities
+from pipeline.models import count_parameters
+from pipeline.module import ImageClassifier
+from pipeline.plots import plot_confusion_matrix, plot_learning_curves
+from pipeline.tracking import git_commit, project_dir
+
+console = Console()
+CURVE_METRICS = ("train/loss", "val/loss", "train/acc", "val/acc")
+
+
+@dataclass
+class RunResult:
+    family: str
+    run_id: str
+    val_acc: float
+    model_uri: str
+
+
+def auto_precision(accelerator: str) -> str:
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def make_datamodule(config: dict, data_dir: str) -> ImageFolderDataModule:
+    return ImageFolderDataModule(data_dir=data_dir, **config["data"])
+
+
+def make_module(config: dict, dm: ImageFolderDataModule) -> ImageClassifier:
+    dm.prepare()
+    return ImageClassifier(
+        arch=config["model"]["arch"], model_args=config["model"].get("args") or {},
+        classes=dm.classes, mean=dm.mean, std=dm.std, image_size=config["data"]["image_size"],
+        **config.get("optim", {}),
+    )
+
+
+def find_resumable_run(client: MlflowClient, experiment_id: str, family: str) -> Optional[tuple[str, Path]]:
+    """The newest unfinished run of ``family`` that left a ``last.ckpt`` behind."""
+    runs = client.search_runs(
+        [experiment_id], f"tags.family = '{family}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=5,
+    )
+    for run in runs:
+        last = Path(run.data.tags.get("checkpoint_dir", "")) / "last.ckpt"
+        if last.is_file():
+            return run.info.run_id, last
+    return None
+
+
+def metric_history(client: MlflowClient, run_id: str) -> dict[str, list[float]]:
+    history = {}
+    for name in CURVE_METRICS:
+        points = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+        history[name] = [m.value for m in points]
+    return history
+
+
+def train_family(
+    config: dict, data_dir: str, experiment: str, tracking_uri: str, resume: bool = False
+) -> Optional[RunResult]:
+    """Train, evaluate and log one family; returns None on non-zero DDP ranks."""
+    family = config["family"]
+    L.seed_everything(config.get("seed", 42), workers=True, verbose=False)
+    dm = make_datamodule(config, data_dir)
+    module = make_module(config, dm)
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+
+    run_id, ckpt_path = None, None
+    if resume and rank_zero_only.rank == 0:
+        found = find_resumable_run(client, experiment_id, family)
+        if found:
+            run_id, ckpt_path = found
+            console.print(f"[bold]Resuming[/] {family} run {run_id} from {ckpt_path}")
+    logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_name=family,
+                          run_id=run_id, log_model=False)
+    checkpoint_dir = project_dir() / "checkpoints" / experiment / (logger.run_id or "rank")
+    trainer_args = dict(config["trainer"])
+    if trainer_args.get("precision") == "auto":
+        trainer_args["precision"] = auto_precision(trainer_args.get("accelerator", "auto"))
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch:03d}", monitor="val/acc",
+                                 mode="max", save_last=True, auto_insert_metric_name=False)
+    trainer = L.Trainer(logger=logger, callbacks=[checkpoint, RichProgressBar()], enable_model_summary=False,
+                        **trainer_args)
+
+    summary = dm.summary()
+    if trainer.is_global_zero:
+        n_params = count_parameters(module.model.net)
+        console.print(f"[bold]{family}[/]: {config['model']['arch']} {config['model'].get('args')}, "
+                      f"{n_params:,} parameters, {summary['train_size']:,} train / "
+                      f"{summary['val_size']:,} val images, precision {trainer_args['precision']}")
+        if run_id is None:
+            logger.log_hyperparams(flatten({k: v for k, v in config.items() if k != "tracking"}))
+            logger.log_hyperparams({"n_parameters": n_params, "data.train_size": summary["train_size"],
+                                    "data.val_size": summary["val_size"],
+                                    "data.fingerprint": summary["fingerprint"]})
+            for key, value in {"family": family, "git_commit": git_commit(), "data_dir": str(data_dir),
+                               "data_fingerprint": summary["fingerprint"],
+                               "checkpoint_dir": str(checkpoint_dir)}.items():
+                logger.experiment.set_tag(logger.run_id, key, value)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "config.yaml"
+                path.write_text(yaml.safe_dump({**config, "data_dir": str(data_dir)}, sort_keys=False))
+                logger.experiment.log_artifact(logger.run_id, str(path))
+
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    if dm.test_images is not None:
+        trainer.test(module, datamodule=dm, ckpt_path="best", verbose=False)
+    if not trainer.is_global_zero:
+        return None
+    return finish_run(config, dm, checkpoint, logger, client)
+
+
+def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpoint,
+               logger: MLFlowLogger, client: MlflowClient) -> RunResult:
+    """Score the best checkpoint, log plots and the MLflow Model, mark the run finished."""
+    family, run_id = config["family"], logger.run_id
+    best = ImageClassifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+    classifier = best.model.eval().float()
+    val_probs = torch_probabilities(classifier, dm.val_images.cpu())
+    scores = score(val_probs, dm.val_labels.cpu().numpy(), dm.classes)
+    console.print(scores.table(f"{family}: best checkpoint, validation accuracy {scores.accuracy:.4f}"))
+
+    metadata: dict[str, Any] = {
+        "classes": dm.classes, "image_size": int(config["data"]["image_size"]),
+        "mean": dm.mean, "std": dm.std, "arch": config["model"]["arch"],
+        "model_args": config["model"].get("args") or {}, "family": family,
+        "run_id": run_id, "val_acc": scores.accuracy, "input": "float32 (N, 3, H, W) RGB in [0, 1]",
+        "output": "softmax probabilities (N, classes)", "data_fingerprint": dm.fingerprint,
+    }
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({"best_val_acc": scores.accuracy,
+                            **scores.metrics("best/val_")})
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            plot_confusion_matrix(scores.confusion, dm.classes, folder / "confusion_matrix.png",
+                                  f"{family}: validation, best epoch (acc {scores.accuracy:.3f})")
+            plot_learning_curves(metric_history(client, run_id), folder / "learning_curves.png", family)
+            mlflow.log_artifacts(str(folder), artifact_path="plots")
+        model_uri, max_diff = log_classifier(classifier, metadata, dm.val_images[:256].cpu())
+        mlflow.log_metric("onnx_max_abs_diff", max_diff)
+        mlflow.set_tag("model_uri", model_uri)
+    return RunResult(family, run_id, scores.accuracy, model_uri)

@@ -1,0 +1,111 @@
+"""End to end on tiny synthetic images: train -> MLflow run -> MLflow Model -> champion alias."""
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.data import load_image_folder
+from pipeline.module import ImageClassifier
+
+pytestmark = pytest.mark.slow
+TRAIN = ["--epochs", "8", "--set", "data.batch_size=32", "--set", "data.val_fraction=0.2",
+         "--set", "optim.lr=0.05"]
+
+
+@pytest.fixture
+def trained(toy_folder, isolated_project):
+    assert main(["train", "--data", str(toy_folder), "--models", "lenet,resnet", *TRAIN]) == 0
+    uri = f"sqlite:///{isolated_project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cifar4")
+    runs = {r.data.tags["family"]: r for r in client.search_runs([experiment.experiment_id])}
+    return client, runs
+
+
+def test_training_logs_runs_models_and_champion(trained, toy_folder, isolated_project):
+    client, runs = trained
+    assert set(runs) == {"lenet", "resnet"}
+    for family, run in runs.items():
+        assert run.info.status == "FINISHED"
+        params, metrics = run.data.params, run.data.metrics
+        assert params["model.arch"] == family and params["trainer.max_epochs"] == "8"
+        assert params["data.train_size"] == "192" and params["data.val_size"] == "48"
+        assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 8
+        assert len(client.get_metric_history(run.info.run_id, "train/lr")) == 8
+        assert {"train/loss", "val/loss", "val/acc_cat", "best/val_acc_dog"} <= set(metrics)
+        assert metrics["best_val_acc"] > 0.5, f"{family} did not learn the toy set (chance is 0.25)"
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert artifacts == {"plots/confusion_matrix.png", "plots/learning_curves.png"}
+        for name in artifacts:
+            with Image.open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name)) as png:
+                assert png.format == "PNG" and png.width >= 300
+        assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert run.data.tags["git_commit"] and run.data.tags["data_fingerprint"]
+
+    # The champion is the better run, and its model carries its metadata.
+    best = max(runs.values(), key=lambda r: r.data.metrics["best_val_acc"])
+    champion = client.get_model_version_by_alias("cifar4-classifier", "champion")
+    assert champion.run_id == best.info.run_id
+    info = mlflow.models.get_model_info("models:/cifar4-classifier@champion")
+    assert info.metadata["classes"] == ["bird", "boat", "cat", "dog"]
+    assert {"mean", "std", "image_size", "arch", "model_args"} <= set(info.metadata)
+
+    # Loaded back through MLflow, without the training code: same probabilities as the trained net.
+    data = load_image_folder(toy_folder, cache_dir=isolated_project / "cache")
+    images = data.images[:40]
+    pyfunc = mlflow.pyfunc.load_model("models:/cifar4-classifier@champion")
+    probabilities = pyfunc.predict(images.numpy().astype(np.float32) / 255.0)["probabilities"]
+    checkpoint = sorted((isolated_project / "checkpoints" / "cifar4" / best.info.run_id).glob("best-*.ckpt"))[-1]
+    net = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).model.eval()
+    with torch.inference_mode():
+        expected = torch.softmax(net(images.float() / 255.0), dim=1).numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_champion_only_moves_for_a_better_run(trained, toy_folder):
+    client, runs = trained
+    before = client.get_model_version_by_alias("cifar4-classifier", "champion")
+    # One epoch of LeNet cannot beat the champion: the alias stays where it is.
+    assert main(["train", "--data", str(toy_folder), "--models", "lenet", "--epochs", "1"]) == 0
+    after = client.get_model_version_by_alias("cifar4-classifier", "champion")
+    assert after.version == before.version
+
+
+def test_evaluate_scores_the_champion(trained, toy_folder, capsys):
+    client, _ = trained
+    assert main(["evaluate", "--data", str(toy_folder), "--log"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "Logged to MLflow run" in out
+    evaluations = client.get_experiment_by_name("cifar4-evaluations")
+    (run,) = client.search_runs([evaluations.experiment_id])
+    assert run.data.metrics["eval/acc"] > 0.5
+
+
+def test_wrong_data_folder_is_one_clear_sentence(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "missing"), "--models", "lenet"]) == 2
+    err = capsys.readouterr().err
+    assert "error: Data folder" in err and "missing' does not exist." in err and "Traceback" not in err
+
+
+def test_ddp_config_path_runs_with_two_cpu_processes(toy_folder, isolated_project):
+    """The multi-GPU recipe's strategy, exercised with 2 CPU processes so it does not rot."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), "--models", "lenet",
+         "--profile", "cpu", "--epochs", "2", "--set", "trainer.strategy=ddp", "--set", "trainer.devices=2",
+         "--set", "data.batch_size=32"],
+        capture_output=True, text=True, timeout=300, cwd=isolated_project,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{isolated_project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("cifar4").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["trainer.strategy"] == "ddp"
+    assert client.get_model_version_by_alias("cifar4-classifier", "champion").run_id == run.info.run_id
