@@ -13,9 +13,13 @@ PROFILE ?= auto
 ARGS ?=
 MODEL ?= models:/cifar4-classifier@champion
 MLFLOW_PORT ?= 5000
+PORT ?= 3000
+# BentoML's model and bento store lives in the project (git-ignored), not in ~/bentoml.
+export BENTOML_HOME ?= $(CURDIR)/bentoml_home
+export BENTOML_DO_NOT_TRACK ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train evaluate download mlflow-ui test test-fast bench clean
+.PHONY: help install train evaluate download package serve mlflow-ui test test-fast bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,6 +38,12 @@ train: install ## train the families (DATA=dir MODELS=lenet,vgg,resnet EPOCHS=n 
 
 evaluate: install ## score MODEL (default: the champion) on DATA
 	$(BIN)/pipeline evaluate --data $(DATA) --model "$(MODEL)" $(ARGS)
+
+package: install ## champion from MLflow -> BentoML model -> bento (MODEL=models:/NAME@ALIAS or /VERSION)
+	$(BIN)/pipeline package --model "$(MODEL)"
+
+serve: install ## serve the packaged bento on 127.0.0.1:$(PORT) (PORT=...)
+	$(BIN)/bentoml serve cifar4_classifier:latest --host 127.0.0.1 --port $(PORT)
 
 download: install ## download CIFAR-10 and write data/cifar4/{train,test}/{bird,boat,cat,dog}
 	$(BIN)/pipeline download

@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: train, evaluate, download, champion."""
+"""The ``pipeline`` command: train, evaluate, download, champion, package, classify."""
 
 from __future__ import annotations
 
@@ -130,6 +130,49 @@ def _champion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _package(args: argparse.Namespace) -> int:
+    from pipeline.packaging import package
+    from pipeline.tracking import tracking_uri
+
+    result = package(args.model, tracking_uri(), build=not args.no_build)
+    console.print(f"{args.model} = {result.registered_model} version {result.version} -> BentoML model "
+                  f"[bold]{result.bento_model}[/] (ONNX vs torch max diff {result.max_abs_diff:.1e})"
+                  + (f", bento [bold]{result.bento}[/]" if result.bento else ""))
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    import mimetypes
+
+    import httpx
+    from rich.table import Table
+
+    table = Table(title=f"{args.url}/classify")
+    for column in ("file", "label", "probability", "all probabilities"):
+        table.add_column(column)
+    failed = 0
+    with httpx.Client(base_url=args.url, timeout=60) as client:
+        for path in args.images:
+            try:
+                with open(path, "rb") as handle:
+                    kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+                    response = client.post("/classify", files={"image": (Path(path).name, handle, kind)})
+                body = response.json()
+            except (OSError, httpx.HTTPError, ValueError) as error:
+                table.add_row(path, "[red]error[/]", "", str(error))
+                failed += 1
+                continue
+            if response.status_code != 200:
+                table.add_row(path, f"[red]{response.status_code}[/]", "", body.get("error", ""))
+                failed += 1
+                continue
+            ranked = sorted(body["probabilities"].items(), key=lambda kv: -kv[1])
+            table.add_row(path, body["label"], f"{ranked[0][1]:.2f}",
+                          "  ".join(f"{name} {p:.2f}" for name, p in ranked))
+    console.print(table)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     champion.add_argument("--registered-model", default="cifar4-classifier")
     champion.add_argument("--alias", default="champion")
     champion.set_defaults(func=_champion)
+
+    pack = sub.add_parser("package", help="store a registered model in BentoML and build the bento")
+    pack.add_argument("--model", default="models:/cifar4-classifier@champion",
+                      help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    pack.add_argument("--no-build", action="store_true", help="store the BentoML model only, skip `bentoml build`")
+    pack.set_defaults(func=_package)
+
+    classify = sub.add_parser("classify", help="send images to a running service and print a table")
+    classify.add_argument("images", nargs="+", help="image files")
+    classify.add_argument("--url", default="http://127.0.0.1:3000")
+    classify.set_defaults(func=_classify)
     return parser
 
 

@@ -76,7 +76,11 @@ def decode_image(
                 image = _to_rgb(image)
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(
+            f"{label} is over the limit of {max_pixels:,} pixels (refused as a decompression bomb)."
+        ) from None
+    except UnidentifiedImageError as error:
         raise ImageDecodeError(f"{label} is not a readable image ({type(error).__name__}).") from error
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as error:
         raise ImageDecodeError(f"{label} could not be decoded: {error}.") from error

@@ -1,0 +1,125 @@
+"""BentoML service: the champion classifier behind POST /classify.
+
+Routes are a FastAPI app mounted on the BentoML service, so that every bad request
+(malformed multipart, raw bodies, oversize uploads) gets a JSON error this code chose;
+BentoML keeps /readyz, /livez, /metrics and its OpenAPI page at /.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+# The bento ships src/pipeline/{imaging,predictor,serving}.py beside this folder.
+_SRC = Path(__file__).resolve().parent.parent / "src"
+if _SRC.is_dir() and str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
+
+from pipeline.imaging import ImageDecodeError, decode_image  # noqa: E402
+from pipeline.predictor import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier  # noqa: E402
+from pipeline.serving import Limits, MicroBatcher, RequestError, parse_uploads, read_body  # noqa: E402
+
+MODEL_TAG = os.environ.get("CLASSIFIER_MODEL", "cifar4-classifier:latest")
+app = FastAPI(title="Image classifier", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in (ONNX_FILE, METADATA_FILE)}
+
+
+def load_packaged_model(folder: Path, expected: dict[str, str]) -> OnnxClassifier:
+    """Refuse a model whose files changed since `make package`, or whose classes do not fit it."""
+    for name in (ONNX_FILE, METADATA_FILE):
+        if not (folder / name).is_file():
+            raise ModelError(f"Packaged model {MODEL_TAG} at {folder} lacks {name}: run `make package` again.")
+    actual = file_checksums(folder)
+    for name, digest in expected.items():
+        if actual.get(name) != digest:
+            raise ModelError(f"Checksum of {name} in {folder} does not match the one recorded at packaging: "
+                             "the model files were modified; run `make package` again.")
+    return OnnxClassifier.from_dir(folder, threads=int(os.environ.get("CLASSIFIER_THREADS", "0")) or None)
+
+
+@bentoml.service(name="cifar4_classifier", workers=1, traffic={"timeout": 60})
+@bentoml.asgi_app(app, path="/")
+class ImageClassifier:
+    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        try:
+            stored = self.model_ref
+        except bentoml.exceptions.BentoMLException as error:
+            raise RuntimeError(
+                f"No packaged model {MODEL_TAG!r} in the BentoML store ({os.environ.get('BENTOML_HOME', '~/bentoml')}): "
+                "run `make package` first."
+            ) from error
+        self.info = dict(stored.info.metadata)
+        self.model = load_packaged_model(Path(stored.path), self.info.get("checksums", {}))
+        self.limits = Limits.from_env()
+        self.decoder = ThreadPoolExecutor(2, "decode")
+        self.batcher = MicroBatcher(self.model.predict_proba, max_batch=64)
+        self.model_info = {
+            "name": self.info.get("registered_model"), "version": self.info.get("model_version"),
+            "run_id": self.info.get("run_id"),
+        }
+
+    def _decode(self, upload) -> np.ndarray:
+        return decode_image(upload.data, self.model.image_size, self.limits.max_pixels, name=upload.name)
+
+    async def _classify(self, request: Request, many: bool) -> list[dict]:
+        body = await read_body(request, self.limits.max_body_bytes, self.limits.read_timeout_s)
+        uploads = await parse_uploads(request, body, "images" if many else "image", self.limits)
+        if len(uploads) > (self.limits.max_batch_files if many else 1):
+            allowed = self.limits.max_batch_files if many else 1
+            raise RequestError(f"{len(uploads)} files sent; at most {allowed} allowed in one request.",
+                               413 if many else 400)
+        loop = asyncio.get_running_loop()
+        try:
+            arrays = await asyncio.gather(*[loop.run_in_executor(self.decoder, self._decode, u) for u in uploads])
+        except ImageDecodeError as error:
+            raise RequestError(str(error)) from None
+        probabilities = await self.batcher.submit(np.stack(arrays))
+        return [self._answer(row) for row in probabilities]
+
+    def _answer(self, row: np.ndarray) -> dict:
+        probabilities = {name: float(p) for name, p in zip(self.model.classes, row)}
+        return {"label": self.model.classes[int(row.argmax())], "probabilities": probabilities,
+                "model": self.model_info}
+
+    @app.post("/classify")
+    async def classify(self, request: Request):
+        """One image as multipart field `image`, or as the raw body with an image/* content type."""
+        return await respond(self._classify(request, many=False), single=True)
+
+    @app.post("/classify_batch")
+    async def classify_batch(self, request: Request):
+        """Several images as repeated multipart fields `images`; answers keep their order."""
+        return await respond(self._classify(request, many=True), single=False)
+
+    @app.get("/model")
+    def model(self) -> dict:
+        """The packaged model's metadata: classes, normalization, input size, architecture, MLflow origin."""
+        return {key: value for key, value in self.info.items() if key != "checksums"} | {
+            "checksums": self.info.get("checksums"), "batches": self.batcher.batches, "items": self.batcher.items,
+        }
+
+
+async def respond(work, single: bool) -> JSONResponse:
+    started = time.perf_counter()
+    try:
+        answers = await work
+    except RequestError as error:
+        return JSONResponse({"error": error.message}, status_code=error.status)
+    headers = {"X-Inference-Ms": f"{(time.perf_counter() - started) * 1000:.2f}"}
+    return JSONResponse(answers[0] if single else {"results": answers}, headers=headers)

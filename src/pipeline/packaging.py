@@ -1,0 +1,103 @@
+"""MLflow registry -> BentoML model store -> bento.
+
+`pipeline package` reads ``models:/cifar4-classifier@champion`` (or a version), checks
+that the ONNX graph and the torch net rebuilt from its state_dict agree within 1e-5,
+records sha256 checksums of the files, stores them as a BentoML model and builds the bento.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.export import WEIGHTS_FILE, rebuild_classifier, torch_probabilities
+from pipeline.predictor import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier, find_model_files
+
+TOLERANCE = 1e-5
+
+
+@dataclass
+class Packaged:
+    bento_model: str
+    bento: str | None
+    registered_model: str
+    version: str
+    max_abs_diff: float
+
+
+def resolve_version(client: MlflowClient, model_uri: str):
+    """``models:/name@alias`` or ``models:/name/version`` -> the registry's ModelVersion."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if not match:
+        raise ModelError(f"Model URI {model_uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION.")
+    name, alias, version = match.groups()
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as error:
+        raise ModelError(f"No registered model {model_uri} in {client.tracking_uri}: "
+                         "train first (make train).") from error
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_onnx_matches_torch(folder: Path, metadata: dict, n: int = 64) -> float:
+    weights = next(iter(sorted(folder.rglob(WEIGHTS_FILE))), None)
+    if weights is None:
+        raise ModelError(f"Model folder {folder} has no {WEIGHTS_FILE} to check the ONNX graph against.")
+    size = int(metadata["image_size"])
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = torch_probabilities(rebuild_classifier(weights, metadata), images)
+    got = OnnxClassifier.from_dir(folder).predict_proba(images.numpy())
+    return float(np.abs(expected - got).max())
+
+
+def package(model_uri: str, tracking_uri: str, bento_model: str = "cifar4-classifier",
+            build: bool = True, project_root: Path | None = None) -> Packaged:
+    import bentoml
+
+    client = MlflowClient(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    version = resolve_version(client, model_uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}"))
+    onnx_path, meta_path = find_model_files(local)
+    metadata = json.loads(meta_path.read_text())
+    max_diff = check_onnx_matches_torch(local, metadata)
+    if max_diff > TOLERANCE:
+        raise ModelError(f"ONNX and torch outputs differ by {max_diff:.2e} (> {TOLERANCE}): not packaging.")
+    info = {
+        **metadata,
+        "registered_model": version.name, "model_version": str(version.version),
+        "mlflow_run_id": version.run_id, "mlflow_model_uri": model_uri, "onnx_torch_max_abs_diff": max_diff,
+        "checksums": {ONNX_FILE: sha256(onnx_path), METADATA_FILE: sha256(meta_path)},
+    }
+    with bentoml.models.create(bento_model, labels={"family": str(metadata.get("family", ""))},
+                               metadata=info) as stored:
+        shutil.copy2(onnx_path, Path(stored.path) / ONNX_FILE)
+        shutil.copy2(meta_path, Path(stored.path) / METADATA_FILE)
+    bento_tag = None
+    if build:
+        root = project_root or Path(__file__).resolve().parents[2]
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "bentoml"), "build", "-f", str(root / "service" / "bentofile.yaml"),
+             "--output", "tag", str(root)], capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise ModelError(f"bentoml build failed: {result.stderr.strip()[-2000:]}")
+        bento_tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    return Packaged(str(stored.tag), bento_tag, version.name, str(version.version), max_diff)

@@ -1,0 +1,219 @@
+"""A real `bentoml serve` of a model trained and packaged here, over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.imaging import decode_image
+from pipeline.predictor import OnnxClassifier
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, toy_folder):
+    """Train LeNet on the toy set, package it, serve the bento; yield (url, in-process model, project)."""
+    project = tmp_path_factory.mktemp("served")
+    env = {**os.environ, "PIPELINE_HOME": str(project), "PIPELINE_CACHE_DIR": str(project / "cache"),
+           "BENTOML_HOME": str(project / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "CLASSIFIER_MAX_BODY_BYTES": str(2 * 1024 * 1024)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=project, env=env,  # noqa: E731
+                                       capture_output=True, text=True, timeout=600)
+    for args in (("train", "--data", str(toy_folder), "--models", "lenet", "--epochs", "6",
+                  "--set", "data.batch_size=32"), ("package",)):
+        result = run(*args)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    port = free_port()
+    log = open(project / "serve.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "cifar4_classifier:latest",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, (project / "serve.log").read_text()[-3000:]
+            time.sleep(0.3)
+        else:
+            pytest.fail("service not ready in 60 s: " + (project / "serve.log").read_text()[-3000:])
+        mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+        model = OnnxClassifier.from_mlflow("models:/cifar4-classifier@champion")
+        yield url, model, project
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def toy_files(toy_folder: Path) -> list[Path]:
+    return [sorted((toy_folder / c).glob(f"*.{ext}"))[0] for c in ("bird", "boat", "cat", "dog")
+            for ext in ("jpg", "png")]
+
+
+def test_probabilities_match_the_in_process_model(served, toy_folder):
+    url, model, _ = served
+    for path in toy_files(toy_folder):
+        data = path.read_bytes()
+        response = httpx.post(f"{url}/classify", files={"image": (path.name, data, "image/jpeg")})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        expected = model.predict_proba(decode_image(data, model.image_size))[0]
+        got = np.array([body["probabilities"][name] for name in model.classes])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
+        assert body["label"] == model.classes[int(expected.argmax())]
+        assert body["model"]["name"] == "cifar4-classifier" and body["model"]["version"] == "1"
+        # The same bytes as a raw body give the same answer.
+        raw = httpx.post(f"{url}/classify", content=data, headers={"Content-Type": "image/png"})
+        assert raw.status_code == 200 and raw.json()["probabilities"] == body["probabilities"]
+
+
+def test_the_model_classifies_the_toy_set(served, toy_folder):
+    url, _, _ = served
+    correct = 0
+    files = toy_files(toy_folder)
+    for path in files:
+        label = httpx.post(f"{url}/classify", files={"image": path.open("rb")}).json()["label"]
+        correct += label == path.parent.name
+    assert correct / len(files) > 0.5  # chance is 0.25
+
+
+def test_batch_keeps_order(served, toy_folder):
+    url, _, _ = served
+    files = toy_files(toy_folder) * 3
+    response = httpx.post(f"{url}/classify_batch",
+                          files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in files])
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == len(files)
+    for path, result in zip(files, results):
+        single = httpx.post(f"{url}/classify", files={"image": path.open("rb")}).json()
+        assert result["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
+
+
+def test_32_concurrent_requests_all_succeed(served, toy_folder):
+    url, _, _ = served
+    files = toy_files(toy_folder)
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(
+            lambda i: client.post(f"{url}/classify", files={"image": files[i % len(files)].read_bytes()}).status_code,
+            range(96)))
+    assert statuses == [200] * 96
+    assert httpx.get(f"{url}/model").json()["batches"] >= 1
+
+
+def _bad_inputs(toy_folder: Path) -> list[tuple[str, dict, int, str]]:
+    good = toy_files(toy_folder)[0].read_bytes()
+    png = encode(Image.effect_noise((64, 64), 40).convert("RGB"), "PNG")
+    bomb = encode(Image.new("1", (20000, 20000)), "PNG")
+    return [
+        ("not an image", {"files": {"image": ("notes.txt", b"just some text", "text/plain")}}, 400, "not a readable image"),
+        ("empty file", {"files": {"image": ("empty.jpg", b"", "image/jpeg")}}, 400, "empty"),
+        ("truncated jpeg", {"files": {"image": ("cut.jpg", good[: len(good) // 2], "image/jpeg")}}, 400, "cut.jpg"),
+        ("truncated png", {"files": {"image": ("cut.png", png[: len(png) // 2], "image/png")}}, 400, "cut.png"),
+        ("missing field", {"files": {"picture": ("a.jpg", good, "image/jpeg")}}, 400, "no file field 'image'"),
+        ("text field", {"data": {"image": "hello"}, "files": {"note": ("n.txt", b"x", "text/plain")}}, 400,
+         "must be a file upload"),
+        ("form instead of multipart", {"data": {"image": "hello"}}, 415, "Unsupported content type"),
+        ("wrong content type", {"content": b'{"image": 1}', "headers": {"Content-Type": "application/json"}}, 415,
+         "Unsupported content type"),
+        ("empty raw body", {"content": b"", "headers": {"Content-Type": "image/jpeg"}}, 400, "empty"),
+        ("broken multipart", {"content": b"garbage", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
+         400, "multipart"),
+        ("decompression bomb", {"files": {"image": ("bomb.png", bomb, "image/png")}}, 400, "over the limit"),
+        ("body over the size limit", {"content": b"\0" * (3 * 1024 * 1024), "headers": {"Content-Type": "image/png"}},
+         413, "over the limit"),
+    ]
+
+
+def test_bad_inputs_get_4xx_json_and_the_server_stays_healthy(served, toy_folder):
+    url, _, _ = served
+    for name, kwargs, status, message in _bad_inputs(toy_folder):
+        response = httpx.post(f"{url}/classify", timeout=30, **kwargs)
+        assert response.status_code == status, f"{name}: {response.status_code} {response.text}"
+        assert message in response.json()["error"], f"{name}: {response.text}"
+    assert httpx.get(f"{url}/readyz").status_code == 200
+    assert httpx.post(f"{url}/classify", files={"image": toy_files(toy_folder)[0].open("rb")}).status_code == 200
+
+
+def test_model_endpoint_and_bentoml_pages(served):
+    url, model, _ = served
+    info = httpx.get(f"{url}/model").json()
+    assert info["classes"] == model.classes and info["registered_model"] == "cifar4-classifier"
+    assert {"mean", "std", "image_size", "arch", "model_args", "run_id", "val_acc"} <= set(info)
+    for path in ("/livez", "/metrics", "/", "/api/docs"):
+        assert httpx.get(f"{url}{path}").status_code == 200, path
+
+
+def test_classify_command_prints_a_table(served, toy_folder, capsys):
+    url, _, _ = served
+    files = [str(p) for p in toy_files(toy_folder)[:2]]
+    assert main(["classify", "--url", url, *files]) == 0
+    out = capsys.readouterr().out
+    assert "bird" in out and "probability" in out
+
+
+def test_service_refuses_a_tampered_model(served):
+    _, _, project = served
+    env = {**os.environ, "BENTOML_HOME": str(project / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    store = project / "bentoml" / "models" / "cifar4-classifier"
+    onnx_file = next(store.glob("*/model.onnx"))
+    original = onnx_file.read_bytes()
+    try:
+        onnx_file.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        result = subprocess.run(
+            [sys.executable, "-c", "import service.service as s; s.ImageClassifier.inner()"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        onnx_file.write_bytes(original)
+    assert result.returncode != 0
+    assert "Checksum of model.onnx" in result.stderr
+
+
+def test_no_packaged_model_is_a_clear_startup_error(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "empty"), "BENTOML_DO_NOT_TRACK": "true"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import service.service as s; s.ImageClassifier.inner()"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "run `make package` first" in result.stderr
