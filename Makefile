@@ -19,7 +19,7 @@ export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train evaluate download package serve mlflow-ui test test-fast bench clean
+.PHONY: help install train evaluate download package serve mlflow-ui test test-fast bench clean wheels docker-build docker-up docker-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -60,6 +60,19 @@ test-fast: install ## the tests that take seconds
 
 bench: install ## Lightning vs plain PyTorch training throughput (DATA=dir)
 	$(BIN)/python bench/train_overhead.py --data $(DATA)
+
+wheels: install ## download the container images' wheels into docker/wheels (builds then need no network)
+	$(BIN)/pip download --quiet --only-binary=:all: -d docker/wheels/serve -r docker/requirements-serve.txt
+	$(BIN)/pip download --quiet --only-binary=:all: -d docker/wheels/mlflow -r docker/requirements-mlflow.txt
+
+docker-build: ## build the classifier and MLflow images (BASE_IMAGE=... to change the base)
+	docker compose build
+
+docker-up: ## docker compose up -d, then wait until both services are healthy
+	docker compose up -d --wait
+
+docker-down: ## stop the stack (the MLflow store and BentoML store are host folders: they stay)
+	docker compose down
 
 clean: ## remove checkpoints and caches (keeps mlflow.db and mlartifacts)
 	rm -rf checkpoints .pytest_cache lightning_logs

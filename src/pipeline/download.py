@@ -10,6 +10,8 @@ from pathlib import Path
 
 from rich.progress import track
 
+from pipeline.data import DataError
+
 CIFAR4 = {"bird": "bird", "cat": "cat", "dog": "dog", "ship": "boat"}
 
 
@@ -22,7 +24,7 @@ def download_cifar4(out_dir: str | Path, raw_dir: str | Path | None = None) -> P
         try:
             dataset = CIFAR10(root=str(raw), train=train, download=True)
         except Exception as error:  # torchvision raises URLError, RuntimeError, ... on no network
-            raise RuntimeError(
+            raise DataError(
                 f"Could not download CIFAR-10 into {str(raw)!r} ({error}); "
                 "pass --data with a local folder of class subfolders instead."
             ) from error

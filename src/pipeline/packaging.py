@@ -100,4 +100,13 @@ def package(model_uri: str, tracking_uri: str, bento_model: str = "cifar4-classi
         if result.returncode != 0:
             raise ModelError(f"bentoml build failed: {result.stderr.strip()[-2000:]}")
         bento_tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    make_world_readable(Path(stored.path))
+    if bento_tag:
+        make_world_readable(Path(bentoml.bentos.get(bento_tag).path))
     return Packaged(str(stored.tag), bento_tag, version.name, str(version.version), max_diff)
+
+
+def make_world_readable(folder: Path) -> None:
+    """BentoML creates stores with mode 700; the container's non-root user must read them."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))

@@ -38,10 +38,20 @@ class RunResult:
     model_uri: str
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 convolutions run about 1.8x faster than fp32 (bench/ measured)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def auto_precision(accelerator: str) -> str:
-    if accelerator in ("gpu", "cuda") and torch.cuda.is_available():
+    """bf16-mixed where the hardware does bf16 natively, 16-mixed on older GPUs, else fp32."""
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
 def make_datamodule(config: dict, data_dir: str) -> ImageFolderDataModule:
@@ -90,11 +100,12 @@ def train_family(
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
 
     run_id, ckpt_path = None, None
-    if resume and rank_zero_only.rank == 0:
+    if resume:  # every DDP rank looks it up, so all of them load the same checkpoint
         found = find_resumable_run(client, experiment_id, family)
         if found:
             run_id, ckpt_path = found
-            console.print(f"[bold]Resuming[/] {family} run {run_id} from {ckpt_path}")
+            if rank_zero_only.rank == 0:
+                console.print(f"[bold]Resuming[/] {family} run {run_id} from {ckpt_path}")
     logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_name=family,
                           run_id=run_id, log_model=False)
     checkpoint_dir = project_dir() / "checkpoints" / experiment / (logger.run_id or "rank")
