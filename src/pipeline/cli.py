@@ -240,6 +240,8 @@ def quiet_known_noise() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_known_noise()
+    from mlflow.exceptions import MlflowException
+
     from pipeline.data import DataError
     from pipeline.predictor import ModelError
     from pipeline.tracking import TrackingError
@@ -249,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, TrackingError, ModelError) as error:
         errors.print(f"[bold red]error:[/] {error}", highlight=False)
         return 2
+    except MlflowException as error:
+        from pipeline.tracking import tracking_uri
+
+        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        errors.print(f"[bold red]error:[/] MLflow at {tracking_uri()} failed: {first_line}. Checkpoints are kept in "
+                     "checkpoints/; once MLflow answers again, continue with `make train RESUME=1`.", highlight=False)
+        return 3
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: resume with `pipeline train --resume` (make train RESUME=1)")
         return 130

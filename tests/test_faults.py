@@ -1,0 +1,83 @@
+"""Training faults and safe loading: killed runs resume, a dead tracking server is one sentence,
+no code is unpickled when a model is loaded."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.export import rebuild_classifier
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EXPLOIT_MARKER', '/tmp/pwned')}",))
+
+
+def test_a_crafted_pickle_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
+    weights = tmp_path / "weights.pt"
+    torch.save({"net.weight": Exploit()}, weights)
+    metadata = {"arch": "lenet", "classes": ["a", "b"], "mean": [0.5] * 3, "std": [0.2] * 3, "model_args": {}}
+    with pytest.raises(pickle.UnpicklingError):
+        rebuild_classifier(weights, metadata)
+    assert not marker.exists()
+
+
+def test_unreachable_tracking_server_is_one_sentence_within_15_s(toy_folder, isolated_project):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    uri = f"http://127.0.0.1:{port}"
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), "--models", "lenet"],
+                            env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=60,
+                            cwd=isolated_project)
+    assert result.returncode == 2
+    assert time.time() - started < 15
+    assert f"MLflow tracking server {uri} is unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_into_the_same_mlflow_run(toy_folder, isolated_project):
+    args = [sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), "--models", "lenet",
+            "--epochs", "6", "--set", "data.batch_size=8"]
+    env = {**os.environ, "PIPELINE_HOME": str(isolated_project)}
+    process = subprocess.Popen(args, env=env, cwd=isolated_project, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = isolated_project / "checkpoints" / "cifar4"
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(checkpoints.glob("*/best-001.ckpt")) and process.poll() is None:
+        time.sleep(0.1)
+    assert process.poll() is None, "training ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    client = MlflowClient(f"sqlite:///{isolated_project / 'mlflow.db'}")
+    (killed,) = client.search_runs([client.get_experiment_by_name("cifar4").experiment_id])
+    assert killed.info.status == "RUNNING"  # nobody could mark it otherwise
+    done = len(client.get_metric_history(killed.info.run_id, "val/acc"))
+    assert 2 <= done < 6
+
+    resumed = subprocess.run([*args, "--resume"], env=env, cwd=isolated_project, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "Resuming lenet run" in resumed.stdout
+    (run,) = client.search_runs([client.get_experiment_by_name("cifar4").experiment_id])
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    steps = [m.step for m in history]
+    assert len(history) == 6 and len(set(steps)) == 6, steps  # every epoch, once each
+    assert run.data.metrics["best_val_acc"] > 0.5
+    assert client.get_model_version_by_alias("cifar4-classifier", "champion").run_id == run.info.run_id

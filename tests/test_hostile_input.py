@@ -1,0 +1,160 @@
+"""Hostile input against a real `bentoml serve`: every case has its expected answer, none is a 5xx."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (PIL refuses to write 0-size images)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def photo(mode: str = "RGB", size=(48, 40)) -> Image.Image:
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+
+
+def multipart(name: str, data: bytes, kind: str = "application/octet-stream", field: str = "image") -> dict:
+    return {"files": {field: (name, data, kind)}}
+
+
+def raw(data: bytes, kind: str) -> dict:
+    return {"content": data, "headers": {"Content-Type": kind}}
+
+
+def corpus() -> list[tuple[str, str, dict, int, str]]:
+    """(name, route, request, expected status, words the JSON error must contain)."""
+    jpeg = encode(photo(), "JPEG", quality=90)
+    png = encode(photo(), "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [photo(size=(16, 16)), photo("L", (16, 16)).convert("RGB")]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    sixteen = Image.fromarray(np.linspace(0, 65535, 32 * 32, dtype=np.uint16).reshape(32, 32))
+    cases = [
+        ("empty raw body", "/classify", raw(b"", "image/jpeg"), 400, "empty"),
+        ("empty file", "/classify", multipart("e.jpg", b"", "image/jpeg"), 400, "empty"),
+        ("text body", "/classify", raw(b"hello", "text/plain"), 415, "Unsupported content type"),
+        ("html body", "/classify", raw(b"<html><body>hi</body></html>", "text/html"), 415, "Unsupported"),
+        ("json body", "/classify", raw(b'{"image": "x"}', "application/json"), 415, "Unsupported"),
+        ("pdf file", "/classify", multipart("doc.pdf", b"%PDF-1.4\n1 0 obj<<>>endobj\n%%EOF", "application/pdf"),
+         400, "not a readable image"),
+        ("svg file", "/classify", multipart("v.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"),
+         400, "not a readable image"),
+        ("html file", "/classify", multipart("p.html", b"<!doctype html><p>x", "text/html"), 400, "not a readable"),
+        ("garbage raw image", "/classify", raw(b"\x00\x01garbage" * 10, "image/png"), 400, "not a readable"),
+        ("truncated jpeg", "/classify", multipart("t.jpg", jpeg[: len(jpeg) // 2], "image/jpeg"), 400, "t.jpg"),
+        ("truncated png", "/classify", multipart("t.png", png[: len(png) // 2], "image/png"), 400, "t.png"),
+        ("corrupt jpeg header", "/classify", multipart("h.jpg", b"\xff\xd8\xff\x00" + jpeg[4:40], "image/jpeg"),
+         400, "h.jpg"),
+        ("0-size png", "/classify", multipart("zero.png", png_with_size(0, 0), "image/png"), 400, "zero.png"),
+        ("decompression bomb", "/classify",
+         multipart("bomb.png", encode(Image.new("1", (20000, 20000)), "PNG"), "image/png"), 400, "over the limit"),
+        ("missing field", "/classify", multipart("a.jpg", jpeg, "image/jpeg", field="file"), 400, "no file field"),
+        ("multipart without boundary", "/classify", raw(b"--x\r\n", "multipart/form-data"), 400, "multipart"),
+        ("body over the size limit", "/classify", raw(b"\xff" * (3 * 1024 * 1024), "image/jpeg"), 413, "limit"),
+        ("batch over the file limit", "/classify_batch",
+         {"files": [("images", (f"{i}.png", png, "image/png")) for i in range(129)]}, 413, "at most 128"),
+        ("two images to /classify", "/classify",
+         {"files": [("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))]}, 400, "at most 1"),
+        # valid images of every awkward kind
+        ("1x1 png", "/classify", multipart("one.png", encode(Image.new("RGB", (1, 1), "red"), "PNG")), 200, ""),
+        ("16-bit png", "/classify", multipart("16.png", encode(sixteen, "PNG")), 200, ""),
+        ("cmyk jpeg", "/classify", multipart("c.jpg", encode(photo("CMYK"), "JPEG")), 200, ""),
+        ("rgba png", "/classify", multipart("a.png", encode(photo("RGBA"), "PNG")), 200, ""),
+        ("palette png", "/classify", multipart("p.png", encode(photo("P"), "PNG")), 200, ""),
+        ("grayscale jpeg", "/classify", multipart("g.jpg", encode(photo("L"), "JPEG")), 200, ""),
+        ("animated gif", "/classify", multipart("anim.gif", gif.getvalue(), "image/gif"), 200, ""),
+        ("exif-rotated jpeg", "/classify", multipart("r.jpg", encode(photo(), "JPEG", exif=exif.tobytes())), 200, ""),
+        ("webp", "/classify", multipart("w.webp", encode(photo(), "WEBP"), "image/webp"), 200, ""),
+        ("bmp", "/classify", multipart("b.bmp", encode(photo(), "BMP"), "image/bmp"), 200, ""),
+        ("large photo", "/classify", multipart("big.jpg", encode(Image.linear_gradient("L").resize((3000, 2000))
+                                                            .convert("RGB"), "JPEG")), 200, ""),
+        ("path separators in filename", "/classify", multipart("../../etc/passwd.jpg", jpeg, "image/jpeg"), 200, ""),
+        ("non-ascii filename", "/classify", multipart("чайка 🐦.png", png, "image/png"), 200, ""),
+        ("100 files in one batch", "/classify_batch",
+         {"files": [("images", (f"{i}.png", png, "image/png")) for i in range(100)]}, 200, ""),
+    ]
+    return cases
+
+
+def test_hostile_corpus_gets_its_expected_answers(served):
+    url, _, project = served
+    outcomes: dict[int, int] = {}
+    cases = corpus()
+    assert len(cases) >= 30
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for name, route, request, status, words in cases:
+            response = client.post(route, **request)
+            outcomes[response.status_code] = outcomes.get(response.status_code, 0) + 1
+            assert response.status_code == status, f"{name}: {response.status_code} {response.text[:300]}"
+            body = response.json()
+            if status == 200:
+                results = body["results"] if route == "/classify_batch" else [body]
+                for result in results:
+                    assert abs(sum(result["probabilities"].values()) - 1) < 1e-5, name
+            else:
+                assert words in body["error"], f"{name}: {body}"
+        assert client.get("/readyz").status_code == 200
+    print(f"{len(cases)} hostile cases, outcomes by status: {dict(sorted(outcomes.items()))}")
+    leftovers = list((project / "server-tmp").rglob("*"))
+    assert not [p for p in leftovers if p.is_file() and p.stat().st_size > 0 and "prometheus" not in str(p)], leftovers
+
+
+def test_slow_client_is_cut_off_without_holding_the_service(served, toy_folder):
+    url, _, _ = served
+    host, port = url.removeprefix("http://").split(":")
+    answer = {}
+
+    def slow_upload() -> None:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: 1000\r\n\r\n")
+            started = time.time()
+            try:
+                for _ in range(20):  # one byte a second, far slower than the 3 s read timeout
+                    sock.sendall(b"\x89")
+                    time.sleep(1)
+            except OSError:
+                pass
+            sock.settimeout(10)
+            try:
+                answer["head"] = sock.recv(200)
+            except OSError as error:
+                answer["head"] = repr(error).encode()
+            answer["seconds"] = time.time() - started
+
+    thread = threading.Thread(target=slow_upload)
+    thread.start()
+    time.sleep(1)
+    # Meanwhile the service answers other clients at once.
+    image = sorted((toy_folder / "cat").glob("*.png"))[0]
+    response = httpx.post(f"{url}/classify", files={"image": image.open("rb")}, timeout=10)
+    assert response.status_code == 200
+    thread.join(40)
+    assert b"408" in answer["head"], answer
+    assert answer["seconds"] < 15
