@@ -87,7 +87,7 @@ def main() -> None:
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
     env.setdefault("BENTOML_HOME", str(root / "bentoml_home"))
     port = free_port()
-    console = Console()
+    console = Console(width=130)
     service, startup = start([str(Path(sys.executable).parent / "bentoml"), "serve", args.bento, "--host", "127.0.0.1",
                               "--port", str(port)], f"http://127.0.0.1:{port}/readyz",
                              Path(tempfile.mkdtemp()) / "service.log", env)

@@ -50,7 +50,7 @@ def report(db: Path, experiment: str, wall: float | None) -> None:
                       str(epochs), f"{minutes:.1f}", f"{minutes * 60 / max(epochs, 1):.1f}",
                       f"{run.data.metrics.get('best_val_acc', float('nan')):.4f}",
                       "champion" if run.info.run_id == champion else "")
-    console = Console()
+    console = Console(width=130)
     console.print(table)
     console.print(f"sum of run times {total:.1f} min" + (f"; wall time of `pipeline train` {wall / 60:.1f} min" if wall else ""))
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "

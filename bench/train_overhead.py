@@ -98,7 +98,7 @@ def main() -> None:
     for name, values in results.items():
         median = statistics.median(values)
         table.add_row(name, f"{median:,.0f}", f"{min(values):,.0f}", f"{max(values):,.0f}", f"{median / base:.2f}x")
-    console = Console()
+    console = Console(width=130)
     console.print(table)
     console.print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
                   f"{platform.processor() or platform.platform()}; torch {torch.__version__}, "

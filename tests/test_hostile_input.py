@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import select
 import socket
 import struct
 import threading
@@ -106,6 +107,7 @@ def test_hostile_corpus_gets_its_expected_answers(served):
     url, _, project = served
     outcomes: dict[int, int] = {}
     cases = corpus()
+    before = set((project / "server-tmp").rglob("*"))
     assert len(cases) >= 30
     with httpx.Client(base_url=url, timeout=60) as client:
         for name, route, request, status, words in cases:
@@ -121,8 +123,8 @@ def test_hostile_corpus_gets_its_expected_answers(served):
                 assert words in body["error"], f"{name}: {body}"
         assert client.get("/readyz").status_code == 200
     print(f"{len(cases)} hostile cases, outcomes by status: {dict(sorted(outcomes.items()))}")
-    leftovers = list((project / "server-tmp").rglob("*"))
-    assert not [p for p in leftovers if p.is_file() and p.stat().st_size > 0 and "prometheus" not in str(p)], leftovers
+    # Uploads are parsed in memory: the corpus leaves no new file in the server's temp folder.
+    assert set((project / "server-tmp").rglob("*")) - before == set()
 
 
 def test_slow_client_is_cut_off_without_holding_the_service(served, toy_folder):
@@ -138,7 +140,8 @@ def test_slow_client_is_cut_off_without_holding_the_service(served, toy_folder):
             try:
                 for _ in range(20):  # one byte a second, far slower than the 3 s read timeout
                     sock.sendall(b"\x89")
-                    time.sleep(1)
+                    if select.select([sock], [], [], 1.0)[0]:
+                        break  # the server answered (or closed) before the body was complete
             except OSError:
                 pass
             sock.settimeout(10)
@@ -157,4 +160,4 @@ def test_slow_client_is_cut_off_without_holding_the_service(served, toy_folder):
     assert response.status_code == 200
     thread.join(40)
     assert b"408" in answer["head"], answer
-    assert answer["seconds"] < 15
+    assert answer["seconds"] < 10  # cut off after the 3 s read timeout, not after 20 s of bytes
