@@ -33,7 +33,8 @@ from pipeline.imaging import decode_image
 from pipeline.predictor import OnnxClassifier
 
 images = sorted(glob.glob("../shared/data/cifar4/train/boat/*.jpg"))[:3] or sorted(glob.glob(".ci-toy/boat/*"))[:3]
-model = OnnxClassifier.from_dir(glob.glob("bentoml_home/models/cifar4-classifier/*/")[0])
+store = "bentoml_home/models/cifar4-classifier"
+model = OnnxClassifier.from_dir(f"{store}/{open(f'{store}/latest').read().strip()}")  # the version being served
 for path in images:
     data = open(path, "rb").read()
     body = httpx.post("http://127.0.0.1:3000/classify", files={"image": data}, timeout=30).json()

@@ -100,7 +100,7 @@ def package(model_uri: str, tracking_uri: str, bento_model: str = "cifar4-classi
         if result.returncode != 0:
             raise ModelError(f"bentoml build failed: {result.stderr.strip()[-2000:]}")
         bento_tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    make_world_readable(Path(stored.path))
+    make_world_readable(Path(bentoml.models.get(stored.tag).path))  # `stored.path` was its temporary folder
     if bento_tag:
         make_world_readable(Path(bentoml.bentos.get(bento_tag).path))
     return Packaged(str(stored.tag), bento_tag, version.name, str(version.version), max_diff)
