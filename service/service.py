@@ -56,7 +56,7 @@ ACCESS_LOG = os.environ.get("CLASSIFIER_ACCESS_LOG", "0").lower() in ("1", "true
 INLINE_DECODE_BYTES = 256 * 1024  # smaller uploads decode on the event loop: a thread hop costs more
 
 
-@bentoml.service(name="cifar4_classifier", workers=1, traffic={"timeout": 60},
+@bentoml.service(name="cifar4_classifier", workers=int(os.environ.get("CLASSIFIER_WORKERS", "1")), traffic={"timeout": 60},
                  logging={"access": {"enabled": ACCESS_LOG}})
 @bentoml.asgi_app(app, path="/")
 class ImageClassifier:
