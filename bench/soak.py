@@ -53,8 +53,10 @@ async def soak(url: str, image: bytes, clients: int, seconds: float, pid: int, c
             t0 = time.perf_counter()
             try:
                 response = await client.post(url, files={"image": (f"{name}.img", data, "application/octet-stream")})
-            except httpx.HTTPError:
+            except httpx.HTTPError as error:
                 current["dropped"] += 1
+                current.setdefault("why", {}).setdefault(type(error).__name__, 0)
+                current["why"][type(error).__name__] += 1
                 continue
             current["latencies"].append(time.perf_counter() - t0)
             current["statuses"][response.status_code] = current["statuses"].get(response.status_code, 0) + 1
@@ -68,7 +70,7 @@ async def soak(url: str, image: bytes, clients: int, seconds: float, pid: int, c
             done["rss"] = tree_rss_mb(pid)
             minutes.append(done)
             console.print(f"minute {len(minutes)}: {len(done['latencies'])} req, {done['statuses']}, "
-                          f"dropped {done['dropped']}, RSS {done['rss']:.0f} MB")
+                          f"dropped {done['dropped']} {done.get('why', '')}, RSS {done['rss']:.0f} MB")
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
