@@ -43,7 +43,7 @@ package: install ## champion from MLflow -> BentoML model -> bento (MODEL=models
 	$(BIN)/pipeline package --model "$(MODEL)"
 
 serve: install ## serve the packaged bento on 127.0.0.1:$(PORT) (PORT=...)
-	$(BIN)/bentoml serve cifar4_classifier:latest --host 127.0.0.1 --port $(PORT)
+	$(BIN)/bentoml serve cifar4_classifier:latest --host 127.0.0.1 --port $(PORT) --timeout-keep-alive 75
 
 download: install ## download CIFAR-10 and write data/cifar4/{train,test}/{bird,boat,cat,dog}
 	$(BIN)/pipeline download

@@ -194,7 +194,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     port, peer_port = free_port(), free_port()
-    service, startup = start([bentoml_bin, "serve", args.bento, "--host", "127.0.0.1", "--port", str(port)],
+    service, startup = start([bentoml_bin, "serve", args.bento, "--host", "127.0.0.1", "--port", str(port),
+                              "--timeout-keep-alive", "75"],
                              f"http://127.0.0.1:{port}/readyz", tmp / "service.log", env)
     peer_file = tmp / "peer.py"
     peer_file.write_text(PEER.format(src=str(ROOT / "src"), model_dir=str(stored.path)))

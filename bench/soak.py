@@ -55,8 +55,9 @@ async def soak(url: str, image: bytes, clients: int, seconds: float, pid: int, c
                 response = await client.post(url, files={"image": (f"{name}.img", data, "application/octet-stream")})
             except httpx.HTTPError as error:
                 current["dropped"] += 1
-                current.setdefault("why", {}).setdefault(type(error).__name__, 0)
-                current["why"][type(error).__name__] += 1
+                why = f"{type(error).__name__} on {name}"
+                current.setdefault("why", {}).setdefault(why, 0)
+                current["why"][why] += 1
                 continue
             current["latencies"].append(time.perf_counter() - t0)
             current["statuses"][response.status_code] = current["statuses"].get(response.status_code, 0) + 1
@@ -91,7 +92,8 @@ def main() -> None:
     port = free_port()
     console = Console(width=130)
     service, startup = start([str(Path(sys.executable).parent / "bentoml"), "serve", args.bento, "--host", "127.0.0.1",
-                              "--port", str(port)], f"http://127.0.0.1:{port}/readyz",
+                              "--port", str(port), "--timeout-keep-alive", "75"],
+                             f"http://127.0.0.1:{port}/readyz",
                              Path(tempfile.mkdtemp()) / "service.log", env)
     try:
         minutes = asyncio.run(soak(f"http://127.0.0.1:{port}/classify", Path(args.image).read_bytes(),

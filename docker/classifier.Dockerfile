@@ -22,4 +22,6 @@ WORKDIR /home/classifier
 EXPOSE 3000
 HEALTHCHECK --interval=5s --timeout=3s --start-period=30s --retries=5 \
     CMD python3 -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=2).status != 200)"
-CMD ["bentoml", "serve", "cifar4_classifier:latest", "--host", "0.0.0.0", "--port", "3000"]
+# Keep-alive longer than clients' idle expiry: otherwise a client can reuse a connection the
+# server is closing at that moment, and the request fails with a reset (seen in bench/soak.py).
+CMD ["bentoml", "serve", "cifar4_classifier:latest", "--host", "0.0.0.0", "--port", "3000", "--timeout-keep-alive", "75"]

@@ -59,7 +59,7 @@ def served(tmp_path_factory, toy_folder):
     log = open(project / "serve.log", "w")
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "bentoml"), "serve", "cifar4_classifier:latest",
-         "--host", "127.0.0.1", "--port", str(port)],
+         "--host", "127.0.0.1", "--port", str(port), "--timeout-keep-alive", "75"],
         cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
