@@ -151,3 +151,23 @@ def test_tracking_server_lost_mid_run_keeps_checkpoints_and_resumes(toy_folder, 
         assert run.info.status == "FINISHED" and run.data.metrics["best_val_acc"] > 0.5
     finally:
         os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_a_model_whose_classes_do_not_match_its_metadata_is_refused(tmp_path):
+    from pipeline.export import export_onnx
+    from pipeline.models import build_model
+    from pipeline.module import Classifier
+    from pipeline.predictor import ModelError, OnnxClassifier
+
+    onnx_path = export_onnx(Classifier(build_model("lenet", 4), [0.5] * 3, [0.2] * 3), 32, tmp_path / "model.onnx")
+    metadata = {"classes": ["cat", "dog", "bird"], "image_size": 32}  # 3 names for a 4-way output
+    with pytest.raises(ModelError, match="outputs 4 classes but its metadata names 3"):
+        OnnxClassifier(onnx_path, metadata)
+
+
+def test_packaging_without_a_champion_is_one_sentence(isolated_project, capsys):
+    from pipeline.cli import main
+
+    assert main(["package"]) == 2
+    err = capsys.readouterr().err
+    assert "No registered model models:/cifar4-classifier@champion" in err and "train first" in err
