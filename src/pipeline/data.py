@@ -288,10 +288,13 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> TensorBatches:
         rank, world = self._rank()
-        return TensorBatches(
+        batches = TensorBatches(
             self.train_images, self.train_labels, self.batch_size, shuffle=True,
             seed=self.seed, drop_last=True, rank=rank, world_size=world,
         )
+        # A resumed run continues the shuffle order where the interrupted one was.
+        batches.epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return batches
 
     def val_dataloader(self) -> TensorBatches:
         rank, world = self._rank()
