@@ -119,9 +119,7 @@ class ImageClassifier:
     @app.get("/model")
     def model(self) -> dict:
         """The packaged model's metadata: classes, normalization, input size, architecture, MLflow origin."""
-        return {key: value for key, value in self.info.items() if key != "checksums"} | {
-            "checksums": self.info.get("checksums"), "batches": self.batcher.batches, "items": self.batcher.items,
-        }
+        return {**self.info, "batches": self.batcher.batches, "items": self.batcher.items}
 
 
 async def respond(work, single: bool) -> JSONResponse:
