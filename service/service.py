@@ -19,13 +19,14 @@ from pathlib import Path
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 # The bento ships src/pipeline/{imaging,predictor,serving}.py beside this folder.
 _SRC = Path(__file__).resolve().parent.parent / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
+from pipeline.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer  # noqa: E402
 from pipeline.imaging import ImageDecodeError, decode_image  # noqa: E402
 from pipeline.predictor import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier  # noqa: E402
 from pipeline.serving import Limits, MicroBatcher, RequestError, parse_uploads, read_body  # noqa: E402
@@ -34,8 +35,12 @@ MODEL_TAG = os.environ.get("CLASSIFIER_MODEL", "cifar4-classifier:latest")
 app = FastAPI(title="Image classifier", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
 
 
-def file_checksums(folder: Path) -> dict[str, str]:
-    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in (ONNX_FILE, METADATA_FILE)}
+UI_PAGE = Path(__file__).resolve().parent / "ui" / "index.html"
+
+
+def file_checksums(folder: Path, names) -> dict[str, str]:
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            for name in names if (folder / name).is_file()}
 
 
 def load_packaged_model(folder: Path, expected: dict[str, str]) -> OnnxClassifier:
@@ -43,7 +48,7 @@ def load_packaged_model(folder: Path, expected: dict[str, str]) -> OnnxClassifie
     for name in (ONNX_FILE, METADATA_FILE):
         if not (folder / name).is_file():
             raise ModelError(f"Packaged model {MODEL_TAG} at {folder} lacks {name}: run `make package` again.")
-    actual = file_checksums(folder)
+    actual = file_checksums(folder, expected)
     for name, digest in expected.items():
         if actual.get(name) != digest:
             raise ModelError(f"Checksum of {name} in {folder} does not match the one recorded at packaging: "
@@ -72,6 +77,11 @@ class ImageClassifier:
             ) from error
         self.info = dict(stored.info.metadata)
         self.model = load_packaged_model(Path(stored.path), self.info.get("checksums", {}))
+        # Models packaged before /explain existed have no explain graph: /explain then says so.
+        self.explainer = None
+        if (Path(stored.path) / EXPLAIN_ONNX).is_file() and EXPLAIN_JSON in self.info.get("checksums", {}):
+            self.explainer = Explainer(stored.path, self.model.classes, threads=int(os.environ.get("CLASSIFIER_THREADS", "0")) or None)
+        self.explain_pool = ThreadPoolExecutor(1, "explain")
         self.limits = Limits.from_env()
         self.decoder = ThreadPoolExecutor(2, "decode")
         self.batcher = MicroBatcher(self.model.predict_proba, max_batch=64)
@@ -84,6 +94,11 @@ class ImageClassifier:
         return decode_image(upload.data, self.model.image_size, self.limits.max_pixels, name=upload.name)
 
     async def _classify(self, request: Request, many: bool) -> list[dict]:
+        arrays = await self._read_images(request, many)
+        probabilities = await self.batcher.submit(np.stack(arrays))
+        return [self._answer(row) for row in probabilities]
+
+    async def _read_images(self, request: Request, many: bool) -> list[np.ndarray]:
         body = await read_body(request, self.limits.max_body_bytes, self.limits.read_timeout_s)
         uploads = await parse_uploads(request, body, "images" if many else "image", self.limits)
         if len(uploads) > (self.limits.max_batch_files if many else 1):
@@ -98,8 +113,22 @@ class ImageClassifier:
                 arrays = await asyncio.gather(*[loop.run_in_executor(self.decoder, self._decode, u) for u in uploads])
         except ImageDecodeError as error:
             raise RequestError(str(error)) from None
-        probabilities = await self.batcher.submit(np.stack(arrays))
-        return [self._answer(row) for row in probabilities]
+        return arrays
+
+    async def _explain(self, request: Request) -> list[dict]:
+        target = request.query_params.get("target")
+        if target is not None and target not in self.model.classes:
+            raise RequestError(f"Unknown target class {target!r}: choose one of {', '.join(self.model.classes)}.")
+        if self.explainer is None:
+            raise RequestError(f"Packaged model {MODEL_TAG} has no explain graph: run `make package` again.", 503)
+        (array,) = await self._read_images(request, many=False)
+        # The probabilities come from the same model and batcher as /classify, so they are identical.
+        row = (await self.batcher.submit(array[None]))[0]
+        answer = self._answer(row)
+        index = self.model.classes.index(target) if target else int(row.argmax())
+        loop = asyncio.get_running_loop()
+        answer.update(await loop.run_in_executor(self.explain_pool, self.explainer.explain, array, index))
+        return [answer]
 
     def _answer(self, row: np.ndarray) -> dict:
         probabilities = {name: float(p) for name, p in zip(self.model.classes, row)}
@@ -115,6 +144,18 @@ class ImageClassifier:
     async def classify_batch(self, request: Request):
         """Several images as repeated multipart fields `images`; answers keep their order."""
         return await respond(self._classify(request, many=True), single=False)
+
+    @app.post("/explain")
+    async def explain(self, request: Request):
+        """Like /classify, plus feature maps per stage, first-layer filters and their responses, hand-made
+        kernels applied to the image and a Grad-CAM overlay (PNGs in base64). `?target=CLASS` picks
+        the Grad-CAM class (default: the predicted one)."""
+        return await respond(self._explain(request), single=True)
+
+    @app.get("/ui", response_class=HTMLResponse)
+    def ui(self) -> HTMLResponse:
+        """A page to drop an image on and see what the network sees."""
+        return HTMLResponse(UI_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/model")
     def model(self) -> dict:

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer
 from pipeline.export import WEIGHTS_FILE, rebuild_classifier, torch_probabilities
 from pipeline.predictor import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier, find_model_files
 
@@ -56,15 +58,44 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_onnx_matches_torch(folder: Path, metadata: dict, n: int = 64) -> float:
+def check_images(metadata: dict, n: int = 64) -> torch.Tensor:
+    size = int(metadata["image_size"])
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def load_weights(folder: Path, metadata: dict) -> torch.nn.Module:
     weights = next(iter(sorted(folder.rglob(WEIGHTS_FILE))), None)
     if weights is None:
         raise ModelError(f"Model folder {folder} has no {WEIGHTS_FILE} to check the ONNX graph against.")
-    size = int(metadata["image_size"])
-    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    expected = torch_probabilities(rebuild_classifier(weights, metadata), images)
+    return rebuild_classifier(weights, metadata)
+
+
+def check_onnx_matches_torch(folder: Path, metadata: dict, n: int = 64) -> float:
+    images = check_images(metadata, n)
+    expected = torch_probabilities(load_weights(folder, metadata), images)
     got = OnnxClassifier.from_dir(folder).predict_proba(images.numpy())
     return float(np.abs(expected - got).max())
+
+
+def build_explainer(folder: Path, metadata: dict, out: Path, n: int = 16) -> dict[str, float]:
+    """Export explain.onnx/explain.json into ``out``; check its probabilities against model.onnx and
+    its Grad-CAM against torch autograd. Returns the two largest differences."""
+    from pipeline.explain import export_explain, gradcam_autograd
+
+    classifier = load_weights(folder, metadata)
+    export_explain(classifier, int(metadata["image_size"]), out)
+    images = check_images(metadata, n)
+    session = Explainer(out, metadata["classes"]).session
+    probabilities, cam = session.run(["probabilities", "cam"], {"image": images.numpy().astype(np.float32) / 255})
+    reference = gradcam_autograd(classifier, images.float() / 255).numpy()
+    diffs = {
+        "explain_probability_max_abs_diff": float(np.abs(
+            probabilities - OnnxClassifier.from_dir(folder).predict_proba(images.numpy())).max()),
+        "gradcam_max_rel_diff": float(np.abs(cam - reference).max() / max(float(np.abs(reference).max()), 1e-12)),
+    }
+    if diffs["explain_probability_max_abs_diff"] > TOLERANCE or diffs["gradcam_max_rel_diff"] > 1e-3:
+        raise ModelError(f"The explain graph disagrees with the model ({diffs}): not packaging.")
+    return diffs
 
 
 def package(model_uri: str, tracking_uri: str, bento_model: str = "cifar4-classifier",
@@ -80,16 +111,22 @@ def package(model_uri: str, tracking_uri: str, bento_model: str = "cifar4-classi
     max_diff = check_onnx_matches_torch(local, metadata)
     if max_diff > TOLERANCE:
         raise ModelError(f"ONNX and torch outputs differ by {max_diff:.2e} (> {TOLERANCE}): not packaging.")
-    info = {
-        **metadata,
-        "registered_model": version.name, "model_version": str(version.version),
-        "mlflow_run_id": version.run_id, "mlflow_model_uri": model_uri, "onnx_torch_max_abs_diff": max_diff,
-        "checksums": {ONNX_FILE: sha256(onnx_path), METADATA_FILE: sha256(meta_path)},
-    }
-    with bentoml.models.create(bento_model, labels={"family": str(metadata.get("family", ""))},
-                               metadata=info) as stored:
-        shutil.copy2(onnx_path, Path(stored.path) / ONNX_FILE)
-        shutil.copy2(meta_path, Path(stored.path) / METADATA_FILE)
+    with tempfile.TemporaryDirectory() as tmp:
+        explain_dir = Path(tmp)
+        explain_diffs = build_explainer(local, metadata, explain_dir)
+        files = {ONNX_FILE: onnx_path, METADATA_FILE: meta_path,
+                 EXPLAIN_ONNX: explain_dir / EXPLAIN_ONNX, EXPLAIN_JSON: explain_dir / EXPLAIN_JSON}
+        info = {
+            **metadata,
+            "registered_model": version.name, "model_version": str(version.version),
+            "mlflow_run_id": version.run_id, "mlflow_model_uri": model_uri, "onnx_torch_max_abs_diff": max_diff,
+            **explain_diffs,
+            "checksums": {name: sha256(path) for name, path in files.items()},
+        }
+        with bentoml.models.create(bento_model, labels={"family": str(metadata.get("family", ""))},
+                                   metadata=info) as stored:
+            for name, path in files.items():
+                shutil.copy2(path, Path(stored.path) / name)
     bento_tag = None
     if build:
         root = project_root or Path(__file__).resolve().parents[2]

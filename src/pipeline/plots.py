@@ -53,3 +53,28 @@ def plot_learning_curves(history: dict[str, list[float]], path: Path, title: str
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, classes: list[str],
+                  path: Path, limit: int = 16, title: str = "") -> Path:
+    """The ``limit`` most confident mistakes: uint8 ``(N, 3, H, W)`` images with true and predicted labels."""
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
+    cols = 4 if len(order) > 1 else 1
+    rows = max(1, -(-len(order) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows + 0.4), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order):
+        ax.imshow(images[i].transpose(1, 2, 0), interpolation="nearest")
+        ax.set_title(f"true {classes[labels[i]]}\npredicted {classes[predicted[i]]} {confidence[i]:.2f}",
+                     fontsize=9, color="#8a1c12")
+    if not len(order):
+        axes.flat[0].text(0.5, 0.5, f"no mistakes on {len(labels)} images", ha="center", va="center")
+    fig.suptitle(title or f"most confident mistakes ({len(wrong)} of {len(labels)} wrong)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -23,7 +23,8 @@ from pipeline.evaluation import score
 from pipeline.export import log_classifier, torch_probabilities
 from pipeline.models import count_parameters
 from pipeline.module import ImageClassifier
-from pipeline.plots import plot_confusion_matrix, plot_learning_curves
+from pipeline.explain import save_pictures
+from pipeline.plots import plot_confusion_matrix, plot_learning_curves, plot_mistakes
 from pipeline.tracking import git_commit, project_dir
 
 console = Console()
@@ -171,6 +172,11 @@ def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpo
             plot_confusion_matrix(scores.confusion, dm.classes, folder / "confusion_matrix.png",
                                   f"{family}: validation, best epoch (acc {scores.accuracy:.3f})")
             plot_learning_curves(metric_history(client, run_id), folder / "learning_curves.png", family)
+            val_images = dm.val_images.cpu()
+            plot_mistakes(val_images.numpy(), dm.val_labels.cpu().numpy(), val_probs, dm.classes,
+                          folder / "mistakes.png", title=f"{family}: most confident validation mistakes")
+            # The first validation image: the split is seeded, so every run of a data set shows the same one.
+            save_pictures(classifier, val_images[0], dm.classes, folder)
             mlflow.log_artifacts(str(folder), artifact_path="plots")
         model_uri, max_diff = log_classifier(classifier, metadata, dm.val_images[:256].cpu())
         mlflow.log_metric("onnx_max_abs_diff", max_diff)

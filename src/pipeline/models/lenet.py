@@ -36,6 +36,15 @@ class LeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def explain_stages(self) -> list[tuple[str, nn.Module]]:
+        """The stages whose outputs `pipeline.explain` shows; the last one gets the Grad-CAM."""
+        f = self.features
+        return [("conv1", nn.Sequential(f[0], f[1])), ("pool1", f[2]), ("conv2", nn.Sequential(f[3], f[4]))]
+
+    def explain_head(self) -> list[nn.Module]:
+        """The layers from the last stage to the logits."""
+        return [self.features[5], *self.classifier]
+
 
 def lenet(num_classes: int, **kwargs) -> LeNet:
     return LeNet(num_classes=num_classes, **kwargs)

@@ -70,6 +70,13 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(self.stem(x)))
 
+    def explain_stages(self) -> list[tuple[str, nn.Module]]:
+        """The stages whose outputs `pipeline.explain` shows; the last one gets the Grad-CAM."""
+        return [("stem", self.stem), *[(f"stage{i + 1}", stage) for i, stage in enumerate(self.stages)]]
+
+    def explain_head(self) -> list[nn.Module]:
+        return list(self.head)
+
 
 def resnet(num_classes: int, **kwargs) -> ResNet:
     return ResNet(num_classes=num_classes, **kwargs)

@@ -51,6 +51,20 @@ class VGG(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
+    def explain_stages(self) -> list[tuple[str, nn.Module]]:
+        """One stage per conv block (a block starts at the pool before it); the trailing pool goes to the head."""
+        groups: list[list[nn.Module]] = [[]]
+        for layer in self.features:
+            if isinstance(layer, nn.MaxPool2d) and any(isinstance(m, nn.Conv2d) for m in groups[-1]):
+                groups.append([])
+            groups[-1].append(layer)
+        blocks = [g for g in groups if any(isinstance(m, nn.Conv2d) for m in g)]
+        return [(f"block{i + 1}", nn.Sequential(*g)) for i, g in enumerate(blocks)]
+
+    def explain_head(self) -> list[nn.Module]:
+        used = {id(m) for _, stage in self.explain_stages() for m in stage}
+        return [m for m in self.features if id(m) not in used] + list(self.classifier)
+
 
 def vgg(num_classes: int, **kwargs) -> VGG:
     return VGG(num_classes=num_classes, **kwargs)

@@ -1,0 +1,73 @@
+"""Run explain.onnx with ONNX Runtime and turn its outputs into pictures (no torch).
+
+``explain.onnx`` and ``explain.json`` are written by ``pipeline package`` from the
+model's state_dict (see :mod:`pipeline.explain`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import visual
+from pipeline.predictor import ModelError
+
+EXPLAIN_ONNX = "explain.onnx"
+EXPLAIN_JSON = "explain.json"
+DISPLAY_SIDE = 128  # the input, overlay and kernel pictures are shown this many pixels square
+
+
+class Explainer:
+    def __init__(self, folder: str | Path, classes: list[str], threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        for name in (EXPLAIN_ONNX, EXPLAIN_JSON):
+            if not (folder / name).is_file():
+                raise ModelError(f"Model folder {str(folder)!r} lacks {name}: run `make package` again.")
+        self.info = json.loads((folder / EXPLAIN_JSON).read_text())
+        self.classes = list(classes)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(folder / EXPLAIN_ONNX), options, providers=["CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        weight = np.asarray(self.info["first_layer"]["weight"], np.float32)
+        self.filters_png = visual.png_base64(visual.filter_grid(weight))
+        self.kernels = {name: np.asarray(k, np.float32) for name, k in visual.KERNELS.items()}
+
+    def run(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """One uint8 ``(3, H, W)`` image -> the graph's outputs by name, batch dimension dropped."""
+        batch = image[None].astype(np.float32) / np.float32(255.0)
+        return {name: value[0] for name, value in zip(self.output_names, self.session.run(None, {"image": batch}))}
+
+    def explain(self, image: np.ndarray, target: int) -> dict:
+        """Pictures for one uint8 ``(3, H, W)`` image; Grad-CAM for class index ``target``."""
+        out = self.run(image)
+        rgb = np.ascontiguousarray(image.transpose(1, 2, 0))
+        stages = []
+        for stage in self.info["stages"]:
+            maps = out[f"stage_{stage['name']}"]
+            shown = visual.strongest(maps)
+            stages.append({"name": stage["name"], "shape": list(maps.shape), "shown": len(shown),
+                           "png": visual.png_base64(visual.feature_map_grid(maps))})
+        kernels = [{"name": name, "kernel": visual.KERNELS[name], "png": visual.png_base64(
+                    visual.upscale(picture, DISPLAY_SIDE))} for name, picture in visual.apply_kernels(rgb).items()]
+        return {
+            "input": visual.png_base64(visual.upscale(rgb, DISPLAY_SIDE)),
+            "saliency": {
+                "method": "grad-cam", "stage": self.info["cam_stage"], "class": self.classes[target],
+                "overlay": visual.png_base64(visual.overlay(rgb, out["cam"][target], DISPLAY_SIDE)),
+                "heatmap": visual.png_base64(visual.heatmap(out["cam"][target], DISPLAY_SIDE)),
+            },
+            "stages": stages,
+            "first_layer": {
+                "shape": self.info["first_layer"]["shape"],
+                "filters": self.filters_png,
+                "responses": visual.png_base64(visual.feature_map_grid(out["first_conv"])),
+            },
+            "kernels": kernels,
+        }
