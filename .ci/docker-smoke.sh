@@ -42,6 +42,11 @@ for path in images:
     expected = model.predict_proba(decode_image(data, model.image_size))[0]
     assert np.abs(got - expected).max() < 1e-5, (got, expected)
     print(f"container /classify {os.path.basename(path)}: {body['label']} {got.max():.3f} (matches in-process)")
+    explained = httpx.post("http://127.0.0.1:3000/explain", files={"image": data}, timeout=30).json()
+    assert explained["probabilities"] == body["probabilities"] and explained["saliency"]["overlay"], explained.keys()
+page = httpx.get("http://127.0.0.1:3000/ui")
+assert page.status_code == 200 and 'id="file"' in page.text, "container /ui"
+print(f"container /explain answers with {len(explained['stages'])} stages; /ui is served")
 assert httpx.get("http://127.0.0.1:5000/health").status_code == 200
 assert httpx.get("http://127.0.0.1:5000/").status_code == 200, "MLflow UI root"
 client = MlflowClient("http://127.0.0.1:5000")
