@@ -32,7 +32,8 @@ def find_model_files(directory: str | Path) -> tuple[Path, Path]:
 
 
 class OnnxClassifier:
-    def __init__(self, onnx_path: str | Path, metadata: dict[str, Any], threads: int | None = None) -> None:
+    def __init__(self, onnx_path: str | Path, metadata: dict[str, Any], threads: int | None = None,
+                 spinning: bool = True) -> None:
         import onnxruntime as ort
 
         self.metadata = metadata
@@ -41,6 +42,8 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
+        if not spinning:  # idle ORT threads sleep instead of spinning: the CPU goes to the event loop
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         outputs = self.session.get_outputs()
         width = outputs[0].shape[-1]
@@ -52,9 +55,9 @@ class OnnxClassifier:
         self.input_name = self.session.get_inputs()[0].name
 
     @classmethod
-    def from_dir(cls, directory: str | Path, threads: int | None = None) -> "OnnxClassifier":
+    def from_dir(cls, directory: str | Path, threads: int | None = None, spinning: bool = True) -> "OnnxClassifier":
         onnx_path, meta_path = find_model_files(directory)
-        return cls(onnx_path, json.loads(meta_path.read_text()), threads)
+        return cls(onnx_path, json.loads(meta_path.read_text()), threads, spinning)
 
     @classmethod
     def from_mlflow(cls, model_uri: str, threads: int | None = None) -> "OnnxClassifier":
