@@ -43,10 +43,15 @@ def test_training_logs_runs_models_and_champion(trained, toy_folder, isolated_pr
         assert {"train/loss", "val/loss", "val/acc_cat", "best/val_acc_dog"} <= set(metrics)
         assert metrics["best_val_acc"] > 0.5, f"{family} did not learn the toy set (chance is 0.25)"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-        assert artifacts == {"plots/confusion_matrix.png", "plots/learning_curves.png"}
-        for name in artifacts:
+        assert artifacts == {"plots/confusion_matrix.png", "plots/learning_curves.png", "plots/mistakes.png",
+                             "plots/filters.png", "plots/feature_maps"}
+        for name in artifacts - {"plots/filters.png", "plots/feature_maps"}:
             with Image.open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name)) as png:
-                assert png.format == "PNG" and png.width >= 300
+                assert png.format == "PNG" and png.width >= (200 if "mistakes" in name else 300)
+        maps = sorted(a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run.info.run_id, "plots/feature_maps"))
+        stages = {"lenet": ["conv1", "pool1", "conv2"], "resnet": ["stem", "stage1", "stage2", "stage3"]}[family]
+        assert maps[:-1] == ["00_input.png", *[f"{i:02d}_{name}.png" for i, name in enumerate(stages, 1)]]
+        assert maps[-1].startswith(f"{len(stages) + 1:02d}_gradcam_")
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
         assert run.data.tags["git_commit"] and run.data.tags["data_fingerprint"]
 

@@ -136,7 +136,8 @@ def _package(args: argparse.Namespace) -> int:
 
     result = package(args.model, tracking_uri(), build=not args.no_build)
     console.print(f"{args.model} = {result.registered_model} version {result.version} -> BentoML model "
-                  f"[bold]{result.bento_model}[/] (ONNX vs torch max diff {result.max_abs_diff:.1e})"
+                  f"[bold]{result.bento_model}[/] (ONNX vs torch max diff {result.max_abs_diff:.1e}; "
+                  f"explain graph's Grad-CAM vs autograd {result.gradcam_rel_diff:.1e} relative)"
                   + (f", bento [bold]{result.bento}[/]" if result.bento else ""))
     return 0
 

@@ -37,6 +37,7 @@ class Packaged:
     registered_model: str
     version: str
     max_abs_diff: float
+    gradcam_rel_diff: float = float("nan")
 
 
 def resolve_version(client: MlflowClient, model_uri: str):
@@ -140,7 +141,8 @@ def package(model_uri: str, tracking_uri: str, bento_model: str = "cifar4-classi
     make_world_readable(Path(bentoml.models.get(stored.tag).path))  # `stored.path` was its temporary folder
     if bento_tag:
         make_world_readable(Path(bentoml.bentos.get(bento_tag).path))
-    return Packaged(str(stored.tag), bento_tag, version.name, str(version.version), max_diff)
+    return Packaged(str(stored.tag), bento_tag, version.name, str(version.version), max_diff,
+                    explain_diffs["gradcam_max_rel_diff"])
 
 
 def make_world_readable(folder: Path) -> None:
