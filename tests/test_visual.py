@@ -53,6 +53,13 @@ def test_gradcam_without_autograd_equals_autograd(arch, args):
     torch.testing.assert_close(x, classifier.net((images - classifier.mean) / classifier.std))
 
 
+def test_a_head_grad_cam_cannot_go_through_is_named():
+    from pipeline.explain import head_gradients
+
+    with pytest.raises(ValueError, match="cannot go back through Sigmoid"):
+        head_gradients([torch.nn.Flatten(), torch.nn.Sigmoid(), torch.nn.Linear(16, 4)], torch.rand(2, 1, 4, 4))
+
+
 def test_grids_and_kernels():
     maps = np.random.default_rng(0).random((6, 28, 28)).astype(np.float32)
     grid = visual.feature_map_grid(maps)  # 2 rows x 3 cols of 56-pixel tiles, 2-pixel gaps

@@ -176,7 +176,10 @@ def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpo
             plot_mistakes(val_images.numpy(), dm.val_labels.cpu().numpy(), val_probs, dm.classes,
                           folder / "mistakes.png", title=f"{family}: most confident validation mistakes")
             # The first validation image: the split is seeded, so every run of a data set shows the same one.
-            save_pictures(classifier, val_images[0], dm.classes, folder)
+            try:
+                save_pictures(classifier, val_images[0], dm.classes, folder)
+            except ValueError as error:  # a network without named stages: the run still finishes
+                console.print(f"[yellow]No feature-map pictures for {family}:[/] {error}")
             mlflow.log_artifacts(str(folder), artifact_path="plots")
         model_uri, max_diff = log_classifier(classifier, metadata, dm.val_images[:256].cpu())
         mlflow.log_metric("onnx_max_abs_diff", max_diff)
