@@ -109,12 +109,17 @@ def _bad_inputs(toy_folder: Path) -> list[tuple[str, dict, int, str]]:
     ]
 
 
-def test_bad_inputs_get_4xx_json_and_the_server_stays_healthy(served, toy_folder):
-    url, _, _ = served
+def assert_bad_inputs_rejected(url: str, toy_folder: Path) -> None:
+    """Each bad input to ``url`` gets its 4xx and a JSON error naming the problem."""
     for name, kwargs, status, message in _bad_inputs(toy_folder):
-        response = httpx.post(f"{url}/classify", timeout=30, **kwargs)
+        response = httpx.post(url, timeout=30, **kwargs)
         assert response.status_code == status, f"{name}: {response.status_code} {response.text}"
         assert message in response.json()["error"], f"{name}: {response.text}"
+
+
+def test_bad_inputs_get_4xx_json_and_the_server_stays_healthy(served, toy_folder):
+    url, _, _ = served
+    assert_bad_inputs_rejected(f"{url}/classify", toy_folder)
     assert httpx.get(f"{url}/readyz").status_code == 200
     assert httpx.post(f"{url}/classify", files={"image": toy_files(toy_folder)[0].open("rb")}).status_code == 200
 

@@ -17,7 +17,7 @@ from pipeline import visual
 from pipeline.explain import ExplainNet, gradcam_autograd
 from pipeline.models import build_model
 from pipeline.module import Classifier
-from test_service import _bad_inputs, toy_files
+from test_service import assert_bad_inputs_rejected, toy_files
 
 FAMILIES = [("lenet", {}), ("vgg", {"cfg": "small"}), ("vgg", {"cfg": "vgg8"}), ("resnet", {"depth": 8, "width": 1})]
 
@@ -140,10 +140,7 @@ def test_explain_matches_classify_and_returns_pictures(served, toy_folder):
 
 def test_explain_rejects_bad_input_like_classify(served, toy_folder):
     url, _, _ = served
-    for name, kwargs, status, message in _bad_inputs(toy_folder):
-        response = httpx.post(f"{url}/explain", timeout=30, **kwargs)
-        assert response.status_code == status, f"{name}: {response.status_code} {response.text}"
-        assert message in response.json()["error"], f"{name}: {response.text}"
+    assert_bad_inputs_rejected(f"{url}/explain", toy_folder)
     good = toy_files(toy_folder)[0].read_bytes()
     response = httpx.post(f"{url}/explain", params={"target": "horse"}, files={"image": ("a.jpg", good)})
     assert response.status_code == 400 and "Unknown target class 'horse'" in response.json()["error"]
