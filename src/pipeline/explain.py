@@ -202,7 +202,8 @@ def save_pictures(classifier: nn.Module, image: torch.Tensor, classes: list[str]
                 maps_dir / "00_input.png": visual.upscale(rgb, 128)}
     for index, (name, maps) in enumerate(zip(explain.stage_names, stage_maps), start=1):
         pictures[maps_dir / f"{index:02d}_{name}.png"] = visual.feature_map_grid(maps)
-    pictures[maps_dir / f"{len(stage_maps) + 1:02d}_gradcam_{classes[predicted]}.png"] = visual.overlay(rgb, cam[predicted])
+    gradcam_name = f"{len(stage_maps) + 1:02d}_gradcam_{classes[predicted]}.png"
+    pictures[maps_dir / gradcam_name] = visual.overlay(rgb, cam[predicted])
     for path, picture in pictures.items():
         path.write_bytes(visual.png_bytes(picture))
     return list(pictures)

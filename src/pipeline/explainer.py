@@ -37,7 +37,6 @@ class Explainer:
         self.output_names = [o.name for o in self.session.get_outputs()]
         weight = np.asarray(self.info["first_layer"]["weight"], np.float32)
         self.filters_png = visual.png_base64(visual.filter_grid(weight))
-        self.kernels = {name: np.asarray(k, np.float32) for name, k in visual.KERNELS.items()}
 
     def run(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """One uint8 ``(3, H, W)`` image -> the graph's outputs by name, batch dimension dropped."""
@@ -51,8 +50,8 @@ class Explainer:
         stages = []
         for stage in self.info["stages"]:
             maps = out[f"stage_{stage['name']}"]
-            shown = visual.strongest(maps)
-            stages.append({"name": stage["name"], "shape": list(maps.shape), "shown": len(shown),
+            stages.append({"name": stage["name"], "shape": list(maps.shape),
+                           "shown": min(len(maps), visual.MAX_MAPS),
                            "png": visual.png_base64(visual.feature_map_grid(maps))})
         kernels = [{"name": name, "kernel": visual.KERNELS[name], "png": visual.png_base64(
                     visual.upscale(picture, DISPLAY_SIDE))} for name, picture in visual.apply_kernels(rgb).items()]

@@ -71,27 +71,23 @@ def load_weights(folder: Path, metadata: dict) -> torch.nn.Module:
     return rebuild_classifier(weights, metadata)
 
 
-def check_onnx_matches_torch(folder: Path, metadata: dict, n: int = 64) -> float:
-    images = check_images(metadata, n)
-    expected = torch_probabilities(load_weights(folder, metadata), images)
-    got = OnnxClassifier.from_dir(folder).predict_proba(images.numpy())
-    return float(np.abs(expected - got).max())
+def check_onnx_matches_torch(classifier: torch.nn.Module, model: OnnxClassifier, images: torch.Tensor) -> float:
+    expected = torch_probabilities(classifier, images)
+    return float(np.abs(expected - model.predict_proba(images.numpy())).max())
 
 
-def build_explainer(folder: Path, metadata: dict, out: Path, n: int = 16) -> dict[str, float]:
+def build_explainer(classifier: torch.nn.Module, model: OnnxClassifier, images: torch.Tensor,
+                    out: Path) -> dict[str, float]:
     """Export explain.onnx/explain.json into ``out``; check its probabilities against model.onnx and
     its Grad-CAM against torch autograd. Returns the two largest differences."""
     from pipeline.explain import export_explain, gradcam_autograd
 
-    classifier = load_weights(folder, metadata)
-    export_explain(classifier, int(metadata["image_size"]), out)
-    images = check_images(metadata, n)
-    session = Explainer(out, metadata["classes"]).session
+    export_explain(classifier, model.image_size, out)
+    session = Explainer(out, model.classes).session
     probabilities, cam = session.run(["probabilities", "cam"], {"image": images.numpy().astype(np.float32) / 255})
     reference = gradcam_autograd(classifier, images.float() / 255).numpy()
     diffs = {
-        "explain_probability_max_abs_diff": float(np.abs(
-            probabilities - OnnxClassifier.from_dir(folder).predict_proba(images.numpy())).max()),
+        "explain_probability_max_abs_diff": float(np.abs(probabilities - model.predict_proba(images.numpy())).max()),
         "gradcam_max_rel_diff": float(np.abs(cam - reference).max() / max(float(np.abs(reference).max()), 1e-12)),
     }
     if diffs["explain_probability_max_abs_diff"] > TOLERANCE or diffs["gradcam_max_rel_diff"] > 1e-3:
@@ -109,14 +105,16 @@ def package(model_uri: str, tracking_uri: str, bento_model: str = "cifar4-classi
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}"))
     onnx_path, meta_path = find_model_files(local)
     metadata = json.loads(meta_path.read_text())
-    max_diff = check_onnx_matches_torch(local, metadata)
+    classifier, model = load_weights(local, metadata), OnnxClassifier.from_dir(local)
+    images = check_images(metadata)
+    max_diff = check_onnx_matches_torch(classifier, model, images)
     if max_diff > TOLERANCE:
         raise ModelError(f"ONNX and torch outputs differ by {max_diff:.2e} (> {TOLERANCE}): not packaging.")
     with tempfile.TemporaryDirectory() as tmp:
         explain_dir = Path(tmp)
         files = {ONNX_FILE: onnx_path, METADATA_FILE: meta_path}
         try:
-            explain_diffs = build_explainer(local, metadata, explain_dir)
+            explain_diffs = build_explainer(classifier, model, images[:16], explain_dir)
             files.update({EXPLAIN_ONNX: explain_dir / EXPLAIN_ONNX, EXPLAIN_JSON: explain_dir / EXPLAIN_JSON})
         except ValueError as error:  # a network without named stages: /classify works, /explain says why not
             print(f"No explain graph for this model ({error}); /explain will answer 503.", file=sys.stderr)
