@@ -29,8 +29,8 @@ docker image inspect cifar4-classifier:latest --format 'classifier image: {{.Siz
 .venv/bin/python - <<'PY'
 import glob, os, httpx, numpy as np
 from mlflow.tracking import MlflowClient
-from pipeline.imaging import decode_image
-from pipeline.predictor import OnnxClassifier
+from pipeline.runtime.imaging import decode_image
+from pipeline.runtime.onnx_model import OnnxClassifier
 
 images = sorted(glob.glob("../shared/data/cifar4/train/boat/*.jpg"))[:3] or sorted(glob.glob(".ci-toy/boat/*"))[:3]
 store = "bentoml_home/models/cifar4-classifier"

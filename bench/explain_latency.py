@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import ROOT, free_port, start, stop  # noqa: E402
 
 from pipeline.explain import export_explain  # noqa: E402
-from pipeline.explainer import Explainer  # noqa: E402
+from pipeline.runtime.explainer import Explainer  # noqa: E402
 from pipeline.export import WEIGHTS_FILE, rebuild_classifier  # noqa: E402
-from pipeline.imaging import decode_image  # noqa: E402
-from pipeline.predictor import OnnxClassifier, find_model_files  # noqa: E402
+from pipeline.runtime.imaging import decode_image  # noqa: E402
+from pipeline.runtime.onnx_model import OnnxClassifier, find_model_files  # noqa: E402
 from pipeline.tracking import tracking_uri as resolve_tracking_uri  # noqa: E402
 
 

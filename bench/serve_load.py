@@ -37,15 +37,15 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pipeline.imaging import decode_image  # noqa: E402
-from pipeline.predictor import OnnxClassifier  # noqa: E402
+from pipeline.runtime.imaging import decode_image  # noqa: E402
+from pipeline.runtime.onnx_model import OnnxClassifier  # noqa: E402
 
 PEER = textwrap.dedent('''
     import sys
     from fastapi import FastAPI, File, HTTPException, UploadFile
     sys.path.insert(0, {src!r})
-    from pipeline.imaging import ImageDecodeError, decode_image
-    from pipeline.predictor import OnnxClassifier
+    from pipeline.runtime.imaging import ImageDecodeError, decode_image
+    from pipeline.runtime.onnx_model import OnnxClassifier
     model = OnnxClassifier.from_dir({model_dir!r})
     app = FastAPI()
 

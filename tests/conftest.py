@@ -76,7 +76,7 @@ def served(tmp_path_factory, toy_folder):
         else:
             pytest.fail("service not ready in 60 s: " + (project / "serve.log").read_text()[-3000:])
         mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-        from pipeline.predictor import OnnxClassifier
+        from pipeline.runtime.onnx_model import OnnxClassifier
 
         model = OnnxClassifier.from_mlflow("models:/cifar4-classifier@champion")
         yield url, model, project

@@ -161,3 +161,80 @@ def test_slow_client_is_cut_off_without_holding_the_service(served, toy_folder):
     thread.join(40)
     assert b"408" in answer["head"], answer
     assert answer["seconds"] < 10  # cut off after the 3 s read timeout, not after 20 s of bytes
+
+
+def raw_exchange(url: str, head: bytes, body: bytes = b"", wait_for_answer_first: bool = False) -> bytes:
+    """Send a request over a plain socket the way a given client does, and read the whole answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head)
+        if wait_for_answer_first:  # an Expect: 100-continue client waits for the server's word first
+            select.select([sock], [], [], 3.0)
+        else:
+            sock.sendall(body)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks) and b'"}' in chunks[-1]:
+                break
+        return b"".join(chunks)
+
+
+def json_error(answer: bytes) -> tuple[int, str]:
+    import json
+
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body[body.index(b"{"):])["error"]
+
+
+@pytest.mark.parametrize("how", ["keep-alive", "close", "http/1.0", "expect-100"])
+def test_oversize_body_gets_a_json_413_however_the_client_sends_it(served, how):
+    url, _, _ = served
+    body = b"\0" * (3 * 1024 * 1024)  # the test service's limit is 2 MiB
+    version = b"HTTP/1.0" if how == "http/1.0" else b"HTTP/1.1"
+    headers = [b"POST /classify " + version, b"Host: 127.0.0.1", b"Content-Type: image/png",
+               b"Content-Length: " + str(len(body)).encode()]
+    if how == "close":
+        headers.append(b"Connection: close")
+    if how == "expect-100":
+        headers.append(b"Expect: 100-continue")
+    head = b"\r\n".join(headers) + b"\r\n\r\n"
+    answer = raw_exchange(url, head, body, wait_for_answer_first=how == "expect-100")
+    status, message = json_error(answer)
+    assert status == 413 and "over the limit" in message, answer[:300]
+    if how == "expect-100":
+        assert b"100 Continue" not in answer  # refused before the body was sent
+
+
+def test_python_urllib_gets_the_413_not_a_reset(served):
+    """urllib sends `Connection: close` and the whole body before it reads: the classic reset case."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    url, _, _ = served
+    request = urllib.request.Request(f"{url}/classify", data=b"\0" * (3 * 1024 * 1024),
+                                     headers={"Content-Type": "image/png"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 413 and "over the limit" in json.loads(caught.value.read())["error"]
+
+
+def test_unknown_path_wrong_method_and_huge_headers_are_json(served):
+    url, _, _ = served
+    missing = httpx.get(f"{url}/no-such-page")
+    assert missing.status_code == 404 and "No route /no-such-page" in missing.json()["error"]
+    wrong = httpx.get(f"{url}/classify")
+    assert wrong.status_code == 405 and "use POST" in wrong.json()["error"] and wrong.headers["allow"] == "POST"
+    crowded = httpx.get(f"{url}/model", headers={f"X-Filler-{i}": "x" for i in range(150)})
+    assert crowded.status_code == 431 and "headers are too large" in crowded.json()["error"]
+    heavy = httpx.post(f"{url}/classify", headers={"X-Filler": "x" * 20000})
+    assert heavy.status_code == 431 and "too large" in heavy.json()["error"]
+    # The host's own pages still answer next to the route table.
+    assert httpx.get(f"{url}/").status_code == 200 and httpx.get(f"{url}/readyz").status_code == 200
+    docs = httpx.get(f"{url}/api/openapi.json").json()
+    assert {"/classify", "/classify_batch", "/explain", "/model", "/ui"} <= set(docs["paths"])

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.imaging import decode_image
+from pipeline.runtime.imaging import decode_image
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.data import resolve_data_dir
     from pipeline.registry import promote_champion
     from pipeline.tracking import setup_tracking
-    from pipeline.train import train_family
+    from pipeline.train import train_family, unusable_gpu
 
     data_dir = args.data
     if data_dir is None:
@@ -34,6 +34,8 @@ def _train(args: argparse.Namespace) -> int:
             console.print(f"No --data given: downloading CIFAR-10's bird, boat, cat, dog into {data_dir}")
             download_cifar4(DEFAULT_DATA)
     resolve_data_dir(data_dir)  # fail before anything else when the folder is wrong
+    if args.profile == "auto" and (problem := unusable_gpu()) and rank_zero_only.rank == 0:
+        errors.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
     profile = args.profile if args.profile != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     families = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else available_models()
     overrides = list(args.set or [])
@@ -41,7 +43,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"trainer.max_epochs={args.epochs}")
     configs = [resolve_config(family, profile, overrides) for family in families]
     experiment = args.experiment or configs[0]["tracking"]["experiment"]
-    uri, experiment_id = setup_tracking(experiment)
+    nodes = max(int(c["trainer"].get("num_nodes", 1)) for c in configs)
+    uri, experiment_id = setup_tracking(experiment, nodes=nodes)
     if rank_zero_only.rank == 0:
         console.print(f"Profile [bold]{profile}[/], models {', '.join(families)}, data {data_dir}, "
                       f"tracking {uri} (experiment {experiment!r})")
@@ -74,7 +77,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from pipeline.data import DataError, load_image_folder, resolve_data_dir
     from pipeline.evaluation import score
-    from pipeline.predictor import OnnxClassifier
+    from pipeline.runtime.onnx_model import OnnxClassifier
     from pipeline.tracking import setup_tracking
 
     _, experiment_id = setup_tracking(args.experiment)
@@ -243,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_noise()
     from mlflow.exceptions import MlflowException
 
-    from pipeline.data import DataError
-    from pipeline.predictor import ModelError
+    from pipeline.errors import DataError
+    from pipeline.runtime.onnx_model import ModelError
     from pipeline.tracking import TrackingError
 
     try:

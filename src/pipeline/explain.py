@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.explainer import EXPLAIN_JSON, EXPLAIN_ONNX
+from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX
+from pipeline.models.layers import Scale
 
 
 def first_conv(net: nn.Module) -> nn.Conv2d:
@@ -78,6 +79,8 @@ def head_gradients(layers: list[nn.Module], features: torch.Tensor) -> tuple[tor
             grad = grad @ layer.weight
         elif isinstance(layer, nn.ReLU):
             grad = grad * (out > 0).to(grad.dtype).unsqueeze(1)
+        elif isinstance(layer, Scale):
+            grad = grad * layer.factor
         elif isinstance(layer, (nn.Dropout, nn.Identity)):
             pass
         elif isinstance(layer, nn.Flatten):
@@ -133,6 +136,9 @@ class ExplainNet(nn.Module):
             x = module(x)
             maps.append(x)
         logits, grad = head_gradients(self.head, x)
+        tta = getattr(self.classifier, "tta", 0)
+        if tta:  # the probabilities are model.onnx's (averaged over the TTA views); the pictures are of the image
+            logits = self.classifier.logits(images, tta)
         return (torch.softmax(logits, dim=-1), responses, *maps, gradcam(x, grad))
 
 
@@ -188,7 +194,7 @@ def export_explain(classifier: nn.Module, image_size: int, folder: Path) -> tupl
 
 def save_pictures(classifier: nn.Module, image: torch.Tensor, classes: list[str], folder: Path) -> list[Path]:
     """filters.png, and feature_maps/ for one uint8 ``(3, H, W)`` image: the input, each stage, Grad-CAM."""
-    from pipeline import visual
+    from pipeline.runtime import pictures
 
     explain = ExplainNet(classifier.eval().float().cpu()).eval()
     with torch.no_grad():
@@ -198,12 +204,36 @@ def save_pictures(classifier: nn.Module, image: torch.Tensor, classes: list[str]
     predicted = int(probabilities.argmax())
     maps_dir = folder / "feature_maps"
     maps_dir.mkdir(parents=True, exist_ok=True)
-    pictures = {folder / "filters.png": visual.filter_grid(explain.conv.weight.detach().numpy()),
-                maps_dir / "00_input.png": visual.upscale(rgb, 128)}
+    drawn = {folder / "filters.png": pictures.filter_grid(explain.conv.weight.detach().numpy()),
+             maps_dir / "00_input.png": pictures.upscale(rgb, 128)}
     for index, (name, maps) in enumerate(zip(explain.stage_names, stage_maps), start=1):
-        pictures[maps_dir / f"{index:02d}_{name}.png"] = visual.feature_map_grid(maps)
+        drawn[maps_dir / f"{index:02d}_{name}.png"] = pictures.feature_map_grid(maps)
     gradcam_name = f"{len(stage_maps) + 1:02d}_gradcam_{classes[predicted]}.png"
-    pictures[maps_dir / gradcam_name] = visual.overlay(rgb, cam[predicted])
-    for path, picture in pictures.items():
-        path.write_bytes(visual.png_bytes(picture))
-    return list(pictures)
+    drawn[maps_dir / gradcam_name] = pictures.overlay(rgb, cam[predicted])
+    for path, picture in drawn.items():
+        path.write_bytes(pictures.png_bytes(picture))
+    return list(drawn)
+
+
+PROBABILITY_TOLERANCE = 1e-5
+
+
+def export_checked_explain(classifier: nn.Module, model: "OnnxClassifier", images: torch.Tensor,
+                           out: Path) -> dict[str, float]:
+    """Export explain.onnx/explain.json into ``out``; check its probabilities against model.onnx and
+    its Grad-CAM against torch autograd. Returns the two largest differences; raises ModelError
+    when they are over tolerance, ValueError when the net names no stages."""
+    from pipeline.runtime.explainer import Explainer
+    from pipeline.runtime.onnx_model import ModelError
+
+    export_explain(classifier, model.image_size, out)
+    session = Explainer(out, model.classes).session
+    probabilities, cam = session.run(["probabilities", "cam"], {"image": images.numpy().astype(np.float32) / 255})
+    reference = gradcam_autograd(classifier, images.float() / 255).numpy()
+    diffs = {
+        "explain_probability_max_abs_diff": float(np.abs(probabilities - model.predict_proba(images.numpy())).max()),
+        "gradcam_max_rel_diff": float(np.abs(cam - reference).max() / max(float(np.abs(reference).max()), 1e-12)),
+    }
+    if diffs["explain_probability_max_abs_diff"] > PROBABILITY_TOLERANCE or diffs["gradcam_max_rel_diff"] > 1e-3:
+        raise ModelError(f"The explain graph disagrees with the model ({diffs}).")
+    return diffs

@@ -15,8 +15,10 @@ import torch
 from mlflow.models import infer_signature
 from torch import nn
 
+from pipeline.explain import export_checked_explain
+from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX
 from pipeline.models import build_model
-from pipeline.predictor import METADATA_FILE, ONNX_FILE, OnnxClassifier
+from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, OnnxClassifier
 
 WEIGHTS_FILE = "weights.pt"
 
@@ -54,8 +56,10 @@ def torch_probabilities(classifier: nn.Module, images_uint8: torch.Tensor, batch
 
 def log_classifier(
     classifier: nn.Module, metadata: dict[str, Any], example_images: torch.Tensor
-) -> tuple[str, float]:
-    """Log the model to the active MLflow run; return (model_uri, max |onnx - torch| on the examples)."""
+) -> tuple[str, dict[str, float]]:
+    """Log the model to the active MLflow run: model.onnx, classifier.json, weights.pt, and the explain
+    graph (explain.onnx + explain.json) checked against model.onnx and torch autograd, so that packaging
+    only copies. Returns (model_uri, the checks' largest differences)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         onnx_path = export_onnx(classifier, int(metadata["image_size"]), folder / ONNX_FILE)
@@ -66,10 +70,17 @@ def log_classifier(
         weights_path = folder / WEIGHTS_FILE
         torch.save(classifier.state_dict(), weights_path)
         expected = torch_probabilities(classifier, example_images)
-        got = OnnxClassifier(onnx_path, metadata).predict_proba(example_images.numpy())
-        max_diff = float(np.abs(expected - got).max())
+        onnx_model = OnnxClassifier(onnx_path, metadata)
+        max_diff = float(np.abs(expected - onnx_model.predict_proba(example_images.numpy())).max())
         if max_diff > 1e-5:
             raise RuntimeError(f"ONNX export disagrees with torch by {max_diff:.2e} (> 1e-5)")
+        checks = {"onnx_max_abs_diff": max_diff}
+        extra_files = [str(meta_path), str(weights_path)]
+        try:
+            checks.update(export_checked_explain(classifier, onnx_model, example_images[:16], folder))
+            extra_files += [str(folder / EXPLAIN_ONNX), str(folder / EXPLAIN_JSON)]
+        except ValueError as error:  # a network without named stages: /classify works, /explain says why not
+            print(f"No explain graph for this model ({error}); /explain will answer 503.")
         example = example_images[:2].numpy().astype(np.float32) / 255.0
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
@@ -77,11 +88,11 @@ def log_classifier(
             input_example=example,
             signature=infer_signature(example, expected[:2]),
             metadata=metadata,
-            extra_files=[str(meta_path), str(weights_path)],
+            extra_files=extra_files,
             save_as_external_data=False,
             onnx_execution_providers=["CPUExecutionProvider"],
         )
-    return info.model_uri, max_diff
+    return info.model_uri, checks
 
 
 def rebuild_classifier(weights_path: Path, metadata: dict[str, Any]) -> nn.Module:
@@ -89,6 +100,6 @@ def rebuild_classifier(weights_path: Path, metadata: dict[str, Any]) -> nn.Modul
     from pipeline.module import Classifier
 
     net = build_model(metadata["arch"], len(metadata["classes"]), **metadata.get("model_args", {}))
-    classifier = Classifier(net, metadata["mean"], metadata["std"])
+    classifier = Classifier(net, metadata["mean"], metadata["std"], tta=int(metadata.get("tta", 0)))
     classifier.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return classifier.eval()

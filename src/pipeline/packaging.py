@@ -1,8 +1,13 @@
 """MLflow registry -> BentoML model store -> bento.
 
-`pipeline package` reads ``models:/cifar4-classifier@champion`` (or a version), checks
-that the ONNX graph and the torch net rebuilt from its state_dict agree within 1e-5,
-records sha256 checksums of the files, stores them as a BentoML model and builds the bento.
+`pipeline package` reads ``models:/cifar4-classifier@champion`` (or a version), records
+sha256 checksums of its files, stores them as a BentoML model and builds the bento.
+
+Runs logged by this version carry ``explain.onnx`` beside ``model.onnx``, both checked
+when the run was logged (:func:`pipeline.export.log_classifier`): packaging then only
+copies, and imports neither torch nor the training code. For runs logged before that, it
+rebuilds the torch net from ``weights.pt``, checks ONNX against it within 1e-5 and exports
+the explain graph, as it always did.
 """
 
 from __future__ import annotations
@@ -19,13 +24,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer
-from pipeline.export import WEIGHTS_FILE, rebuild_classifier, torch_probabilities
-from pipeline.predictor import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier, find_model_files
+from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX
+from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier, find_model_files
 
 TOLERANCE = 1e-5
 
@@ -59,40 +62,41 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check_images(metadata: dict, n: int = 64) -> torch.Tensor:
+def check_images(metadata: dict, n: int = 64) -> np.ndarray:
     size = int(metadata["image_size"])
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return np.random.default_rng(0).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
 
 
-def load_weights(folder: Path, metadata: dict) -> torch.nn.Module:
-    weights = next(iter(sorted(folder.rglob(WEIGHTS_FILE))), None)
+def check_probabilities(model: OnnxClassifier, images: np.ndarray) -> None:
+    """The graph answers: finite probabilities that sum to 1 for every image."""
+    probabilities = model.predict_proba(images)
+    if not np.isfinite(probabilities).all() or np.abs(probabilities.sum(1) - 1).max() > 1e-4:
+        raise ModelError("model.onnx gives probabilities that are not finite or do not sum to 1: not packaging.")
+
+
+def checks_for_older_run(local: Path, metadata: dict, model: OnnxClassifier, images: np.ndarray,
+                         out: Path) -> tuple[dict[str, float], dict[str, Path]]:
+    """A run logged without explain.onnx: rebuild the torch net, compare, export the explain graph (needs torch)."""
+    import torch
+
+    from pipeline.explain import export_checked_explain
+    from pipeline.export import WEIGHTS_FILE, rebuild_classifier, torch_probabilities
+
+    weights = next(iter(sorted(local.rglob(WEIGHTS_FILE))), None)
     if weights is None:
-        raise ModelError(f"Model folder {folder} has no {WEIGHTS_FILE} to check the ONNX graph against.")
-    return rebuild_classifier(weights, metadata)
-
-
-def check_onnx_matches_torch(classifier: torch.nn.Module, model: OnnxClassifier, images: torch.Tensor) -> float:
-    expected = torch_probabilities(classifier, images)
-    return float(np.abs(expected - model.predict_proba(images.numpy())).max())
-
-
-def build_explainer(classifier: torch.nn.Module, model: OnnxClassifier, images: torch.Tensor,
-                    out: Path) -> dict[str, float]:
-    """Export explain.onnx/explain.json into ``out``; check its probabilities against model.onnx and
-    its Grad-CAM against torch autograd. Returns the two largest differences."""
-    from pipeline.explain import export_explain, gradcam_autograd
-
-    export_explain(classifier, model.image_size, out)
-    session = Explainer(out, model.classes).session
-    probabilities, cam = session.run(["probabilities", "cam"], {"image": images.numpy().astype(np.float32) / 255})
-    reference = gradcam_autograd(classifier, images.float() / 255).numpy()
-    diffs = {
-        "explain_probability_max_abs_diff": float(np.abs(probabilities - model.predict_proba(images.numpy())).max()),
-        "gradcam_max_rel_diff": float(np.abs(cam - reference).max() / max(float(np.abs(reference).max()), 1e-12)),
-    }
-    if diffs["explain_probability_max_abs_diff"] > TOLERANCE or diffs["gradcam_max_rel_diff"] > 1e-3:
-        raise ModelError(f"The explain graph disagrees with the model ({diffs}): not packaging.")
-    return diffs
+        raise ModelError(f"Model folder {local} has no {WEIGHTS_FILE} to check the ONNX graph against.")
+    classifier = rebuild_classifier(weights, metadata)
+    tensor = torch.from_numpy(images)
+    max_diff = float(np.abs(torch_probabilities(classifier, tensor) - model.predict_proba(images)).max())
+    if max_diff > TOLERANCE:
+        raise ModelError(f"ONNX and torch outputs differ by {max_diff:.2e} (> {TOLERANCE}): not packaging.")
+    checks, files = {"onnx_torch_max_abs_diff": max_diff}, {}
+    try:
+        checks.update(export_checked_explain(classifier, model, tensor[:16], out))
+        files = {EXPLAIN_ONNX: out / EXPLAIN_ONNX, EXPLAIN_JSON: out / EXPLAIN_JSON}
+    except ValueError as error:  # a network without named stages: /classify works, /explain says why not
+        print(f"No explain graph for this model ({error}); /explain will answer 503.", file=sys.stderr)
+    return checks, files
 
 
 def package(model_uri: str, tracking_uri: str, bento_model: str = "cifar4-classifier",
@@ -105,25 +109,23 @@ def package(model_uri: str, tracking_uri: str, bento_model: str = "cifar4-classi
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}"))
     onnx_path, meta_path = find_model_files(local)
     metadata = json.loads(meta_path.read_text())
-    classifier, model = load_weights(local, metadata), OnnxClassifier.from_dir(local)
+    model = OnnxClassifier.from_dir(local)
     images = check_images(metadata)
-    max_diff = check_onnx_matches_torch(classifier, model, images)
-    if max_diff > TOLERANCE:
-        raise ModelError(f"ONNX and torch outputs differ by {max_diff:.2e} (> {TOLERANCE}): not packaging.")
+    check_probabilities(model, images)
     with tempfile.TemporaryDirectory() as tmp:
-        explain_dir = Path(tmp)
         files = {ONNX_FILE: onnx_path, METADATA_FILE: meta_path}
-        try:
-            explain_diffs = build_explainer(classifier, model, images[:16], explain_dir)
-            files.update({EXPLAIN_ONNX: explain_dir / EXPLAIN_ONNX, EXPLAIN_JSON: explain_dir / EXPLAIN_JSON})
-        except ValueError as error:  # a network without named stages: /classify works, /explain says why not
-            print(f"No explain graph for this model ({error}); /explain will answer 503.", file=sys.stderr)
-            explain_diffs = {}
+        logged = {name: next(iter(sorted(local.rglob(name))), None) for name in (EXPLAIN_ONNX, EXPLAIN_JSON)}
+        if all(logged.values()):  # checked when the run was logged: copy
+            files.update(logged)
+            checks = {key: value for key, value in client.get_run(version.run_id).data.metrics.items()
+                      if key in ("onnx_max_abs_diff", "explain_probability_max_abs_diff", "gradcam_max_rel_diff")}
+        else:
+            checks, explain_files = checks_for_older_run(local, metadata, model, images, Path(tmp))
+            files.update(explain_files)
         info = {
             **metadata,
             "registered_model": version.name, "model_version": str(version.version),
-            "mlflow_run_id": version.run_id, "mlflow_model_uri": model_uri, "onnx_torch_max_abs_diff": max_diff,
-            **explain_diffs,
+            "mlflow_run_id": version.run_id, "mlflow_model_uri": model_uri, **checks,
             "checksums": {name: sha256(path) for name, path in files.items()},
         }
         with bentoml.models.create(bento_model, labels={"family": str(metadata.get("family", ""))},
@@ -143,8 +145,9 @@ def package(model_uri: str, tracking_uri: str, bento_model: str = "cifar4-classi
     make_world_readable(Path(bentoml.models.get(stored.tag).path))  # `stored.path` was its temporary folder
     if bento_tag:
         make_world_readable(Path(bentoml.bentos.get(bento_tag).path))
-    return Packaged(str(stored.tag), bento_tag, version.name, str(version.version), max_diff,
-                    explain_diffs.get("gradcam_max_rel_diff", float("nan")))
+    return Packaged(str(stored.tag), bento_tag, version.name, str(version.version),
+                    checks.get("onnx_max_abs_diff", checks.get("onnx_torch_max_abs_diff", float("nan"))),
+                    checks.get("gradcam_max_rel_diff", float("nan")))
 
 
 def make_world_readable(folder: Path) -> None:

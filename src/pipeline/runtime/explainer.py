@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import visual
-from pipeline.predictor import ModelError
+from pipeline.runtime import pictures
+from pipeline.runtime.onnx_model import ModelError
 
 EXPLAIN_ONNX = "explain.onnx"
 EXPLAIN_JSON = "explain.json"
@@ -36,7 +36,7 @@ class Explainer:
         self.session = ort.InferenceSession(str(folder / EXPLAIN_ONNX), options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
         weight = np.asarray(self.info["first_layer"]["weight"], np.float32)
-        self.filters_png = visual.png_base64(visual.filter_grid(weight))
+        self.filters_png = pictures.png_base64(pictures.filter_grid(weight))
 
     def run(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """One uint8 ``(3, H, W)`` image -> the graph's outputs by name, batch dimension dropped."""
@@ -51,22 +51,22 @@ class Explainer:
         for stage in self.info["stages"]:
             maps = out[f"stage_{stage['name']}"]
             stages.append({"name": stage["name"], "shape": list(maps.shape),
-                           "shown": min(len(maps), visual.MAX_MAPS),
-                           "png": visual.png_base64(visual.feature_map_grid(maps))})
-        kernels = [{"name": name, "kernel": visual.KERNELS[name], "png": visual.png_base64(
-                    visual.upscale(picture, DISPLAY_SIDE))} for name, picture in visual.apply_kernels(rgb).items()]
+                           "shown": min(len(maps), pictures.MAX_MAPS),
+                           "png": pictures.png_base64(pictures.feature_map_grid(maps))})
+        kernels = [{"name": name, "kernel": pictures.KERNELS[name], "png": pictures.png_base64(
+                    pictures.upscale(picture, DISPLAY_SIDE))} for name, picture in pictures.apply_kernels(rgb).items()]
         return {
-            "input": visual.png_base64(visual.upscale(rgb, DISPLAY_SIDE)),
+            "input": pictures.png_base64(pictures.upscale(rgb, DISPLAY_SIDE)),
             "saliency": {
                 "method": "grad-cam", "stage": self.info["cam_stage"], "class": self.classes[target],
-                "overlay": visual.png_base64(visual.overlay(rgb, out["cam"][target], DISPLAY_SIDE)),
-                "heatmap": visual.png_base64(visual.heatmap(out["cam"][target], DISPLAY_SIDE)),
+                "overlay": pictures.png_base64(pictures.overlay(rgb, out["cam"][target], DISPLAY_SIDE)),
+                "heatmap": pictures.png_base64(pictures.heatmap(out["cam"][target], DISPLAY_SIDE)),
             },
             "stages": stages,
             "first_layer": {
                 "shape": self.info["first_layer"]["shape"],
                 "filters": self.filters_png,
-                "responses": visual.png_base64(visual.feature_map_grid(out["first_conv"])),
+                "responses": pictures.png_base64(pictures.feature_map_grid(out["first_conv"])),
             },
             "kernels": kernels,
         }

@@ -1,0 +1,7 @@
+"""Errors that end a command with one sentence (cli.main catches them); importable without torch."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """The data folder is not usable; the message names the folder, class or file."""

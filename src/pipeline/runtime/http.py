@@ -1,0 +1,362 @@
+"""HTTP plumbing for the classifier service: the route table, JSON errors, bounded bodies,
+multipart parsing and micro-batching.
+
+Kept free of BentoML and torch so it is small, testable and fast to import.
+
+Routing is one table of :class:`Route` s served by :class:`Router`, a small ASGI app: every
+route gets the same short path (no middleware stack), the OpenAPI document and the
+``/api/docs`` page are made from the same table, and anything the table does not match gets
+``{"error": ...}`` with 404, 405 (and an ``Allow`` header) or 431.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional
+
+import numpy as np
+
+from pipeline.runtime.settings import Settings
+
+log = logging.getLogger("pipeline.runtime")
+MAX_HEADER_BYTES = 16 * 1024  # all request headers together; more is a 431
+MAX_HEADERS = 100
+
+
+class RequestError(Exception):
+    """A client mistake: becomes ``{"error": message}`` with ``status``."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_batch_files: int = 128
+    read_timeout_s: float = 30.0
+    drain_bytes: int = 64 * 1024 * 1024
+    drain_timeout_s: float = 5.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Limits":
+        return cls(settings.max_body_bytes, settings.max_pixels, settings.max_batch_files, settings.read_timeout_s,
+                   settings.drain_bytes, settings.drain_timeout_s)
+
+
+@dataclass
+class Upload:
+    name: str
+    data: bytes
+
+
+async def _within(seconds: float, work: Awaitable) -> Any:
+    if hasattr(asyncio, "timeout"):  # Python 3.11+: no extra task per request
+        async with asyncio.timeout(seconds):
+            return await work
+    return await asyncio.wait_for(work, seconds)
+
+
+async def drain(receive, limit: int, seconds: float) -> None:
+    """Read and drop the rest of a refused body (up to ``limit`` bytes and ``seconds``), so that the 413
+    reaches a client that sends its whole body first (``Connection: close``, HTTP/1.0): closing on
+    unread data would reset the connection before it reads the answer."""
+
+    async def drop() -> None:
+        dropped = 0
+        while dropped <= limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    try:
+        await _within(seconds, drop())
+    except asyncio.TimeoutError:
+        pass
+
+
+async def read_body(request, limits: Limits) -> bytes:
+    """The whole body, refusing (413) anything over the limit before and while reading it.
+
+    A client that sent ``Expect: 100-continue`` gets the 413 before it sends the body: nothing
+    was read, so the server never said "100 Continue". Other clients' bodies are drained first.
+    """
+    limit = limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    expects_continue = request.headers.get("expect", "").lower() == "100-continue"
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(f"Content-Length {declared!r} is not a number.")
+        if int(declared) > limit:
+            if not expects_continue:
+                await drain(request.receive, limits.drain_bytes, limits.drain_timeout_s)
+            raise RequestError(f"The body is {int(declared):,} bytes, over the limit of {limit:,} bytes.", 413)
+    chunks, size = [], 0
+
+    async def collect() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                await drain(request.receive, limits.drain_bytes, limits.drain_timeout_s)
+                raise RequestError(f"The body is over the limit of {limit:,} bytes.", 413)
+            chunks.append(chunk)
+
+    try:
+        await _within(limits.read_timeout_s, collect())
+    except asyncio.TimeoutError:
+        raise RequestError(f"The body did not arrive within {limits.read_timeout_s:g} s.", 408) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def parse_uploads(request, body: bytes, field_name: str, limits: Limits) -> list[Upload]:
+    """Images from a multipart form field ``field_name``, or the raw body when it is an image type."""
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        from starlette.datastructures import Headers, UploadFile
+        from starlette.formparsers import MultiPartException, MultiPartParser
+
+        async def replay():
+            yield body
+
+        parser = MultiPartParser(Headers(raw=request.headers.raw), replay(),
+                                 max_files=limits.max_batch_files + 1, max_fields=100,
+                                 max_part_size=limits.max_body_bytes)
+        try:
+            form = await parser.parse()
+        except MultiPartException as error:
+            raise RequestError(f"The multipart body could not be parsed: {error.message}") from None
+        try:
+            items = form.getlist(field_name)
+            uploads = []
+            for item in items:
+                if isinstance(item, UploadFile):
+                    uploads.append(Upload(_safe_name(item.filename), await item.read()))
+                else:
+                    raise RequestError(f"Form field {field_name!r} must be a file upload, not text.")
+            if not uploads:
+                found = ", ".join(repr(key) for key in form.keys()) or "none"
+                raise RequestError(f"The form has no file field {field_name!r} (fields found: {found}).")
+            return uploads
+        finally:
+            await form.close()
+    if media_type.startswith("image/") or media_type == "application/octet-stream":
+        if not body:
+            raise RequestError("The request body is empty: send an image.")
+        return [Upload("body", body)]
+    shown = media_type or "none"
+    raise RequestError(
+        f"Unsupported content type {shown!r}: send multipart/form-data with a file field {field_name!r}, "
+        "or the raw image with an image/* content type.", 415,
+    )
+
+
+def _safe_name(filename: str | None) -> str:
+    """A display name only: never used as a path."""
+    name = (filename or "upload").replace("\\", "/").rsplit("/", 1)[-1]
+    return name[:200] or "upload"
+
+
+@dataclass
+class MicroBatcher:
+    """Batches concurrent single requests into one model call.
+
+    No timer: the worker takes whatever is queued when it becomes free, so a lone request
+    runs at once and, under load, requests that arrive during a model call share the next.
+    Nothing is shed: the queue waits instead of answering 503.
+    """
+
+    predict: Callable[[np.ndarray], np.ndarray]
+    max_batch: int = 64
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "model"))
+    _queue: asyncio.Queue | None = None
+    _worker: asyncio.Task | None = None
+    batches: int = 0
+    items: int = 0
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """``images``: uint8 (N, 3, H, W); returns (N, classes) probabilities."""
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put((images, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            pending = [await self._queue.get()]
+            size = len(pending[0][0])
+            while size < self.max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                pending.append(item)
+                size += len(item[0])
+            pending = [(images, future) for images, future in pending if not future.cancelled()]
+            if not pending:
+                continue
+            try:
+                stacked = np.concatenate([images for images, _ in pending])
+                probabilities = await loop.run_in_executor(self.executor, self.predict, stacked)
+            except Exception as error:  # the model failed: every waiter gets the error
+                for _, future in pending:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self.batches += 1
+            self.items += len(stacked)
+            start = 0
+            for images, future in pending:
+                if not future.done():
+                    future.set_result(probabilities[start : start + len(images)])
+                start += len(images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes: declared once, in one table; the Router serves them and documents them.
+
+
+@dataclass(frozen=True)
+class Route:
+    """``handler`` names a method of the bound service: ``async def handler(request) -> Response``."""
+
+    method: str
+    path: str
+    handler: str
+    summary: str
+    request: str = ""    # what the body holds, for the docs
+    response: str = ""   # what the answer holds, for the docs
+
+
+def error_response(message: str, status: int, headers: Optional[dict] = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def route_path(scope) -> str:
+    """The path below the mount point (Starlette keeps the full path in scope["path"])."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root + "/") else path
+
+
+class Router:
+    """An ASGI app over a route table: every route takes the same short path, every miss is JSON."""
+
+    def __init__(self, routes: list[Route], title: str) -> None:
+        self.routes = list(routes)
+        self.title = title
+        self.table: dict[str, dict[str, Route]] = {}
+        for route in self.routes:
+            if route.method in self.table.get(route.path, {}):
+                raise ValueError(f"Route {route.method} {route.path} is declared twice.")
+            self.table.setdefault(route.path, {})[route.method] = route
+        self.target: Any = None
+
+    def bind(self, target: Any) -> None:
+        """The object whose methods the routes name (the service instance of this worker)."""
+        missing = [r.handler for r in self.routes if not callable(getattr(target, r.handler, None))]
+        if missing:
+            raise TypeError(f"{type(target).__name__} has no handler {missing[0]!r} for its route table.")
+        self.target = target
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        if route_path(scope) not in self.table and await self.fall_through(scope, receive, send):
+            return
+        response = await self.dispatch(scope, receive)
+        await response(scope, receive, send)
+
+    async def fall_through(self, scope, receive, send) -> bool:
+        """Mounted at "/", this app sees every path the host app did not match before it; the host's
+        routes after the mount (BentoML's index page and its assets) still answer theirs."""
+        host = scope.get("app")
+        routes = getattr(getattr(host, "router", None), "routes", None)
+        if not routes:
+            return False
+        from starlette.routing import Match
+
+        after = False
+        for route in routes:
+            if getattr(route, "app", None) is self:
+                after = True
+            elif after:
+                match, child = route.matches(scope)
+                if match == Match.FULL:
+                    await route.handle({**scope, **child}, receive, send)
+                    return True
+        return False
+
+    async def dispatch(self, scope, receive):
+        from starlette.requests import Request
+
+        path, method = route_path(scope), scope["method"]
+        methods = self.table.get(path)
+        if methods is None:
+            return error_response(f"No route {path}: the service answers {', '.join(sorted(self.table))}.", 404)
+        route = methods.get(method) or (methods.get("GET") if method == "HEAD" else None)
+        if route is None:
+            allowed = ", ".join(sorted(methods))
+            return error_response(f"{method} is not allowed on {path}: use {allowed}.", 405, {"Allow": allowed})
+        headers = scope.get("headers", [])
+        if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > MAX_HEADER_BYTES:
+            return error_response(f"The request headers are too large: at most {MAX_HEADERS} headers and "
+                                  f"{MAX_HEADER_BYTES:,} bytes in all.", 431)
+        if self.target is None:
+            return error_response("The service is still starting.", 503)
+        request = Request(scope, receive)
+        started = time.perf_counter()
+        try:
+            response = await getattr(self.target, route.handler)(request)
+        except RequestError as error:
+            return error_response(error.message, error.status)
+        except Exception:  # a bug, not the client's fault: log it, answer JSON
+            log.exception("%s %s failed", method, path)
+            return error_response("Internal error: the server log has the details.", 500)
+        response.headers.setdefault("X-Inference-Ms", f"{(time.perf_counter() - started) * 1000:.2f}")
+        return response
+
+    def openapi(self) -> dict:
+        paths: dict[str, dict] = {}
+        for route in self.routes:
+            operation: dict[str, Any] = {"summary": route.summary, "responses": {"200": {"description": route.response
+                                                                                        or "OK"}}}
+            if route.request:
+                operation["description"] = route.request
+            if route.method == "POST":
+                operation["responses"].update({str(code): {"description": text, "content": {"application/json": {
+                    "schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}}
+                    for code, text in ((400, "bad input"), (413, "too large"), (415, "wrong content type"))})
+            paths.setdefault(route.path, {})[route.method.lower()] = operation
+        return {"openapi": "3.1.0", "info": {"title": self.title, "version": "1"}, "paths": paths}
+
+    def docs_page(self) -> str:
+        rows = "".join(
+            f"<tr><td><code>{html.escape(r.method)}</code></td><td><code>{html.escape(r.path)}</code></td>"
+            f"<td>{html.escape(r.summary)}<br><small>{html.escape(r.request)}</small></td></tr>"
+            for r in self.routes)
+        return (f"<!doctype html><meta charset=utf-8><title>{html.escape(self.title)}</title>"
+                "<style>body{font:15px system-ui;margin:2em}td{padding:.4em 1em;vertical-align:top;"
+                "border-bottom:1px solid #ddd}</style>"
+                f"<h1>{html.escape(self.title)}</h1><p>Errors are JSON: <code>{{\"error\": \"...\"}}</code>. "
+                "Machine-readable: <a href=/api/openapi.json>/api/openapi.json</a>.</p>"
+                f"<table>{rows}</table>")
+
+
+def json_response(body: Any, status: int = 200):
+    from starlette.responses import Response
+
+    return Response(json.dumps(body, separators=(",", ":")), status_code=status, media_type="application/json")

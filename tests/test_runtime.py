@@ -1,0 +1,45 @@
+"""The serving side needs no torch: the runtime package imports without it, and so does packaging."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.runtime.settings import Settings, SettingsError
+
+BLOCK_TORCH = "import sys; sys.modules['torch'] = None; "
+
+
+def test_runtime_imports_with_torch_blocked():
+    code = BLOCK_TORCH + ("import pipeline.runtime, pipeline.runtime.imaging, pipeline.runtime.onnx_model, "
+                          "pipeline.runtime.explainer, pipeline.runtime.pictures, pipeline.runtime.http, "
+                          "pipeline.runtime.settings; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_packaging_a_new_run_imports_no_torch(served):
+    _, _, project = served
+    env = {**os.environ, "PIPELINE_HOME": str(project), "BENTOML_HOME": str(project / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    code = BLOCK_TORCH + "from pipeline.cli import main; raise SystemExit(main(['package', '--no-build']))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "cifar4-classifier:" in result.stdout and "BentoML" in result.stdout
+
+
+def test_settings_refuse_bad_values_in_one_sentence():
+    assert Settings.from_env({}).max_body_bytes == 10 * 1024 * 1024
+    assert Settings.from_env({"CLASSIFIER_WORKERS": "", "CLASSIFIER_ACCESS_LOG": "yes"}).access_log is True
+    for environ, words in [({"CLASSIFIER_WORKERS": "two"}, "CLASSIFIER_WORKERS='two' must be a whole number"),
+                           ({"CLASSIFIER_READ_TIMEOUT_S": "-1"}, "must be above 0"),
+                           ({"CLASSIFIER_ACCESS_LOG": "maybe"}, "must be 1/true/yes or 0/false/no"),
+                           ({"CLASSIFIER_MAX_BODY_BYTE": "5"}, "Unknown setting CLASSIFIER_MAX_BODY_BYTE")]:
+        with pytest.raises(SettingsError, match=words):
+            Settings.from_env(environ)
