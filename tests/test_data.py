@@ -10,7 +10,7 @@ from pipeline.data import (
     DataError, ImageFolderDataModule, TensorBatches, augment_batch, load_image_folder, resolve_data_dir,
     split_indices,
 )
-from pipeline.imaging import ImageDecodeError, decode_image
+from pipeline.runtime.imaging import ImageDecodeError, decode_image
 from toy_data import make_image_folder
 
 
@@ -79,9 +79,13 @@ def test_corrupt_image_names_the_file(tmp_path):
 def test_class_too_small_to_validate_is_named(tmp_path):
     make_image_folder(tmp_path / "d", per_class=20, classes=("cat", "dog"))
     make_image_folder(tmp_path / "d", per_class=1, classes=("bird",))
-    dm = ImageFolderDataModule(str(tmp_path / "d"), val_fraction=0.05, seed=0, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(DataError, match="Class 'bird' .* has 1 image; it needs at least 2"):
+    dm = ImageFolderDataModule(str(tmp_path / "d"), val_fraction=0.05, test_fraction=0.0, seed=0,
+                               cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match=r"Class 'bird' .* has 1 image\(s\); it needs at least 2"):
         dm.prepare()
+    held_out = ImageFolderDataModule(str(tmp_path / "d"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match="it needs at least 3 .*validation and test"):
+        held_out.prepare()
 
 
 def test_augment_keeps_shape_and_content():

@@ -13,24 +13,28 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import visual
+from pipeline.runtime import pictures
 from pipeline.explain import ExplainNet, gradcam_autograd
 from pipeline.models import build_model
 from pipeline.module import Classifier
 from test_service import assert_bad_inputs_rejected, toy_files
 
-FAMILIES = [("lenet", {}), ("vgg", {"cfg": "small"}), ("vgg", {"cfg": "vgg8"}), ("resnet", {"depth": 8, "width": 1})]
+FAMILIES = [("lenet", {}), ("vgg", {"cfg": "small"}), ("vgg", {"cfg": "vgg8"}), ("resnet", {"depth": 8, "width": 1}),
+            ("vgg", {"cfg": "airbench", "widths": [16, 32, 32], "tta": 2}),
+            ("resnet", {"variant": "resnet9", "widths": [16, 32, 32], "tta": 1})]
 
 
 def trained_like(arch: str, args: dict) -> Classifier:
     torch.manual_seed(0)
+    args = dict(args)
+    tta = args.pop("tta", 0)
     net = build_model(arch, 4, **args)
     for module in net.modules():  # BatchNorm statistics away from the identity, as after training
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.3, 0.3)
             module.running_var.uniform_(0.5, 1.5)
             module.weight.data.uniform_(0.5, 1.5)
-    return Classifier(net, [0.5, 0.45, 0.4], [0.25, 0.25, 0.26]).eval()
+    return Classifier(net, [0.5, 0.45, 0.4], [0.25, 0.25, 0.26], tta=tta).eval()
 
 
 @pytest.mark.parametrize("arch,args", FAMILIES, ids=[f"{a}-{v}" for a, v in FAMILIES])
@@ -46,11 +50,12 @@ def test_gradcam_without_autograd_equals_autograd(arch, args):
     torch.testing.assert_close(outputs[-1], reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max()))
     # Composing the stages and the head is the network itself.
     x = (images - classifier.mean) / classifier.std
-    for _, stage in classifier.net.explain_stages():
-        x = stage(x)
-    for layer in classifier.net.explain_head():
-        x = layer(x)
-    torch.testing.assert_close(x, classifier.net((images - classifier.mean) / classifier.std))
+    with torch.no_grad():
+        for _, stage in classifier.net.explain_stages():
+            x = stage(x)
+        for layer in classifier.net.explain_head():
+            x = layer(x)
+        torch.testing.assert_close(x, classifier.net((images - classifier.mean) / classifier.std))
 
 
 def test_a_head_grad_cam_cannot_go_through_is_named():
@@ -62,14 +67,14 @@ def test_a_head_grad_cam_cannot_go_through_is_named():
 
 def test_grids_and_kernels():
     maps = np.random.default_rng(0).random((6, 28, 28)).astype(np.float32)
-    grid = visual.feature_map_grid(maps)  # 2 rows x 3 cols of 56-pixel tiles, 2-pixel gaps
+    grid = pictures.feature_map_grid(maps)  # 2 rows x 3 cols of 56-pixel tiles, 2-pixel gaps
     assert grid.shape == (2 * 56 + 2, 3 * 56 + 2 * 2) and grid.dtype == np.uint8
-    assert visual.feature_map_grid(np.zeros((300, 4, 4), np.float32)).shape == (8 * 64 + 7 * 2,) * 2  # 64 shown
-    filters = visual.filter_grid(np.random.default_rng(1).normal(size=(16, 3, 3, 3)))
+    assert pictures.feature_map_grid(np.zeros((300, 4, 4), np.float32)).shape == (8 * 64 + 7 * 2,) * 2  # 64 shown
+    filters = pictures.filter_grid(np.random.default_rng(1).normal(size=(16, 3, 3, 3)))
     assert filters.shape == (4 * 36 + 3 * 2, 4 * 36 + 3 * 2, 3)
     step = np.zeros((16, 16, 3), np.uint8)
     step[:, 8:] = 200
-    out = visual.apply_kernels(step)
+    out = pictures.apply_kernels(step)
     assert set(out) == {"box blur", "vertical edges", "horizontal edges", "sharpen"}
     assert out["vertical edges"][:, 7:9].min() == 255 and out["vertical edges"][:, :6].max() == 0
     assert out["horizontal edges"].max() == 0
@@ -77,7 +82,7 @@ def test_grids_and_kernels():
     assert out["sharpen"][5, 8] == 255 and out["sharpen"][5, 7] == 0
     cam = np.zeros((8, 8), np.float32)
     cam[2, 2] = 1
-    heat = visual.overlay(np.full((32, 32, 3), 128, np.uint8), cam)
+    heat = pictures.overlay(np.full((32, 32, 3), 128, np.uint8), cam)
     assert heat.shape == (128, 128, 3) and not np.array_equal(heat[36, 36], heat[120, 120])
 
 
@@ -128,7 +133,7 @@ def test_explain_matches_classify_and_returns_pictures(served, toy_folder):
         assert decode_png(body["stages"][2]["png"]) == (4 * 60 + 6, 4 * 60 + 6)
         for picture in (body["input"], body["saliency"]["overlay"], body["saliency"]["heatmap"]):
             assert decode_png(picture) == (128, 128)
-        assert [k["name"] for k in body["kernels"]] == list(visual.KERNELS)
+        assert [k["name"] for k in body["kernels"]] == list(pictures.KERNELS)
         assert all(decode_png(k["png"]) == (128, 128) for k in body["kernels"])
         assert body["first_layer"]["shape"] == [6, 3, 5, 5]
         assert decode_png(body["first_layer"]["filters"]) == (3 * 35 + 4, 2 * 35 + 2)

@@ -19,13 +19,10 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from pipeline.imaging import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from pipeline.errors import DataError
+from pipeline.runtime.imaging import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 
 CACHE_VERSION = 1
-
-
-class DataError(ValueError):
-    """The data folder is not usable; the message names the folder, class or file."""
 
 
 @dataclass
@@ -137,16 +134,20 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return flat.mean(1).tolist(), flat.std(1).tolist()
 
 
-def augment_batch(images: torch.Tensor, padding: int = 4, flip: bool = True) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip for a whole (N, C, H, W) batch."""
+FLIP_MODES = (True, False, "alternate")
+
+
+def augment_batch(images: torch.Tensor, padding: int = 4, flip: bool = True, pad_mode: str = "constant",
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random crop (zero or reflect padding) and random horizontal flip for a whole (N, C, H, W) batch."""
     n, _, h, w = images.shape
     if flip:
-        flipped = torch.rand(n, device=images.device) < 0.5
+        flipped = torch.rand(n, device=images.device, generator=generator) < 0.5
         images = torch.where(flipped[:, None, None, None], images.flip(3), images)
     if padding:
-        padded = torch.nn.functional.pad(images, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n,), device=images.device)
-        dx = torch.randint(0, 2 * padding + 1, (n,), device=images.device)
+        padded = torch.nn.functional.pad(images, (padding,) * 4, mode=pad_mode)
+        dy = torch.randint(0, 2 * padding + 1, (n,), device=images.device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n,), device=images.device, generator=generator)
         rows = (torch.arange(h, device=images.device)[None, :] + dy[:, None])[:, None, :, None]
         cols = (torch.arange(w, device=images.device)[None, :] + dx[:, None])[:, None, None, :]
         batch = torch.arange(n, device=images.device)[:, None, None, None]
@@ -155,8 +156,19 @@ def augment_batch(images: torch.Tensor, padding: int = 4, flip: bool = True) -> 
     return images
 
 
+def alternating_flip_mask(n: int, seed: int) -> torch.Tensor:
+    """airbench's alternating flip: a seeded random half of the images is mirrored in epoch 0, the other
+    half in epoch 1, and so on, so every image is seen both ways in any two epochs."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed + 7)) < 0.5
+
+
 class TensorBatches:
-    """Batches sliced from in-memory tensors, reshuffled each epoch, sharded across DDP ranks."""
+    """Batches sliced from in-memory tensors, reshuffled each epoch, sharded across DDP ranks.
+
+    Training (``shuffle``, ``drop_last``): every rank gets the same number of full batches of
+    ``batch_size`` (the per-rank size). Evaluation: each rank gets every world_size-th image,
+    no padding, so no image is counted twice.
+    """
 
     def __init__(
         self,
@@ -168,10 +180,12 @@ class TensorBatches:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        flip_mask: Optional[torch.Tensor] = None,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
+        self.flip_mask = None if flip_mask is None else flip_mask.to(images.device)
         self.epoch = 0
 
     def _indices(self) -> torch.Tensor:
@@ -182,10 +196,7 @@ class TensorBatches:
         else:
             order = torch.arange(n)
         if self.world_size > 1:
-            # Like DistributedSampler: every rank gets the same count, padding by repetition.
-            total = (n // self.world_size if self.drop_last else -(-n // self.world_size)) * self.world_size
-            if total > n:
-                order = torch.cat([order, order[: total - n]])
+            total = (n // self.world_size) * self.world_size if self.drop_last else n
             order = order[self.rank : total : self.world_size]
         return order
 
@@ -196,32 +207,52 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._indices().to(self.images.device)
         self.epoch += 1
+        odd_epoch = self.epoch % 2 == 0  # self.epoch was just advanced: the current epoch is self.epoch - 1
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
-            yield self.images[index], self.labels[index]
+            images = self.images[index]
+            if self.flip_mask is not None:
+                flip = self.flip_mask[index] ^ odd_epoch
+                images = torch.where(flip[:, None, None, None], images.flip(3), images)
+            yield images, self.labels[index]
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    """Train/val split of one image folder (plus an optional test folder), as uint8 tensors."""
+    """Train/val/test splits of one image folder (or its own test/ folder), as uint8 tensors.
+
+    Without a ``test/`` folder, ``test_fraction`` of the images is held out first (seeded,
+    stratified): no training step, checkpoint choice or champion choice ever sees them.
+    ``val_fraction`` of the rest is the validation split that those choices use.
+    ``batch_size`` is the global batch: each DDP rank takes ``batch_size / world_size``.
+    """
 
     def __init__(
         self,
         data_dir: str,
         image_size: int = 32,
         val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
         batch_size: int = 128,
         eval_batch_size: int = 512,
         seed: int = 42,
         crop_padding: int = 4,
-        flip: bool = True,
+        pad_mode: str = "constant",
+        flip: bool | str = True,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        if flip not in FLIP_MODES:
+            raise ValueError(f"data.flip must be true, false or 'alternate', got {flip!r}")
+        if pad_mode not in ("constant", "reflect"):
+            raise ValueError(f"data.pad_mode must be 'constant' or 'reflect', got {pad_mode!r}")
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"data.test_fraction must be in [0, 1), got {test_fraction}")
         self.data_dir = data_dir
-        self.image_size, self.val_fraction, self.seed = image_size, val_fraction, seed
+        self.image_size, self.val_fraction, self.test_fraction, self.seed = image_size, val_fraction, test_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.crop_padding, self.flip = crop_padding, flip
+        self.crop_padding, self.pad_mode, self.flip = crop_padding, pad_mode, flip
         self.cache_dir = cache_dir
+        self.augment_generator: Optional[torch.Generator] = None
         self._prepared = False
 
     def prepare(self) -> None:
@@ -230,20 +261,28 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         train_dir, test_dir = resolve_data_dir(self.data_dir)
         full = load_image_folder(train_dir, self.image_size, self.cache_dir)
+        hold_test = test_dir is None and self.test_fraction > 0
+        needed = 3 if hold_test else 2
         counts = torch.bincount(full.labels, minlength=len(full.classes))
         for name, count in zip(full.classes, counts.tolist()):
-            if count < 2:
+            if count < needed:
                 raise DataError(
-                    f"Class {name!r} in {str(train_dir)!r} has {count} image; it needs at least 2 "
-                    "(one for training, one for validation)."
+                    f"Class {name!r} in {str(train_dir)!r} has {count} image(s); it needs at least {needed} "
+                    f"(one each for training, validation{' and test' if hold_test else ''})."
                 )
-        train_idx, val_idx = split_indices(full.labels, self.val_fraction, self.seed)
         self.classes = full.classes
         self.fingerprint = full.fingerprint
+        self.test_images = self.test_labels = None
+        pool = torch.arange(len(full.labels))
+        if hold_test:
+            # The test split is drawn first, with its own stream, so val_fraction never moves it.
+            pool, test_idx = split_indices(full.labels, self.test_fraction, self.seed + 1)
+            self.test_images, self.test_labels = full.images[test_idx], full.labels[test_idx]
+        train_rel, val_rel = split_indices(full.labels[pool], self.val_fraction, self.seed)
+        train_idx, val_idx = pool[train_rel], pool[val_rel]
         self.train_images, self.train_labels = full.images[train_idx], full.labels[train_idx]
         self.val_images, self.val_labels = full.images[val_idx], full.labels[val_idx]
         self.mean, self.std = channel_stats(self.train_images)
-        self.test_images = self.test_labels = None
         if test_dir is not None:
             test = load_image_folder(test_dir, self.image_size, self.cache_dir)
             if test.classes != self.classes:
@@ -267,13 +306,32 @@ class ImageFolderDataModule(L.LightningDataModule):
             "train_size": len(self.train_labels),
             "val_size": len(self.val_labels),
             "test_size": 0 if self.test_labels is None else len(self.test_labels),
+            "test_source": "none" if self.test_labels is None else ("test/ folder" if self.has_test_folder()
+                                                                    else f"{self.test_fraction:.0%} held out"),
             "mean": self.mean,
             "std": self.std,
         }
 
+    def has_test_folder(self) -> bool:
+        return resolve_data_dir(self.data_dir)[1] is not None
+
+    def rank_batch_size(self) -> int:
+        """This rank's share of the global batch, capped so that the smallest data set still has one batch."""
+        rank, world = self._rank()
+        per_rank_images = len(self.train_labels) // world
+        size = max(1, min(self.batch_size // world, per_rank_images))
+        if size * world != self.batch_size and rank == 0 and not getattr(self, "_warned_batch", False):
+            self._warned_batch = True
+            print(f"note: global batch {self.batch_size} over {world} rank(s) with {len(self.train_labels):,} "
+                  f"training images: {size} per rank ({size * world} in all)")
+        return size
+
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        rank, _ = self._rank()
+        # Each rank draws its own crops and flips (the same seed everywhere would repeat them).
+        self.augment_generator = torch.Generator(device=device).manual_seed(self.seed * 1000 + rank)
         if device.type == "cuda":
             # Device-resident data: 18k CIFAR images are 55 MB, batches never cross PCIe.
             for name in ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels"):
@@ -288,9 +346,10 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> TensorBatches:
         rank, world = self._rank()
+        flip_mask = alternating_flip_mask(len(self.train_labels), self.seed) if self.flip == "alternate" else None
         batches = TensorBatches(
-            self.train_images, self.train_labels, self.batch_size, shuffle=True,
-            seed=self.seed, drop_last=True, rank=rank, world_size=world,
+            self.train_images, self.train_labels, self.rank_batch_size(), shuffle=True,
+            seed=self.seed, drop_last=True, rank=rank, world_size=world, flip_mask=flip_mask,
         )
         # A resumed run continues the shuffle order where the interrupted one was.
         batches.epoch = self.trainer.current_epoch if self.trainer is not None else 0
@@ -310,6 +369,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         images, labels = batch
         images = images.float().div_(255.0)
         if self.trainer is not None and self.trainer.training:
-            images = augment_batch(images, self.crop_padding, self.flip)
+            images = augment_batch(images, self.crop_padding, self.flip is True, self.pad_mode, self.augment_generator)
         return images.contiguous(memory_format=torch.channels_last), labels
 

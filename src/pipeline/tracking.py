@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 
@@ -43,11 +45,39 @@ def check_tracking(uri: str, timeout: float = 10.0) -> None:
     raise TrackingError(f"MLflow tracking server {uri} is unreachable ({problem}).")
 
 
-def setup_tracking(experiment: str) -> tuple[str, str]:
-    """Point mlflow at the tracking store and return ``(uri, experiment_id)``."""
+def process_rank() -> int:
+    """The global rank that torchrun, SLURM or Lightning's DDP launcher gave this process (0 when alone)."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def setup_tracking(experiment: str, nodes: int = 1, wait_s: float = 120.0) -> tuple[str, str]:
+    """Point mlflow at the tracking store and return ``(uri, experiment_id)``.
+
+    Only rank 0 creates the store and the experiment; the other ranks wait for them, so that several
+    processes never create one sqlite file at once. A sqlite store cannot be shared by several nodes.
+    """
     uri = tracking_uri()
+    if nodes > 1 and uri.startswith("sqlite:"):
+        raise TrackingError(f"Training on {nodes} nodes cannot share the sqlite store {uri}: set "
+                            "MLFLOW_TRACKING_URI to an MLflow server that every node can reach.")
     check_tracking(uri)
     mlflow.set_tracking_uri(uri)
+    if process_rank() != 0:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                found = MlflowClient(uri).get_experiment_by_name(experiment)
+            except Exception:  # the store may not exist yet
+                found = None
+            if found is not None:
+                return uri, found.experiment_id
+            if time.monotonic() > deadline:
+                raise TrackingError(f"Rank {process_rank()} waited {wait_s:.0f} s for rank 0 to create "
+                                    f"experiment {experiment!r} in {uri}.")
+            time.sleep(0.5)
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -56,7 +86,14 @@ def setup_tracking(experiment: str) -> tuple[str, str]:
     if uri == default_tracking_uri():
         # Artifacts beside the database, not in MLflow's ./mlruns of whatever folder runs it.
         artifact_location = (project_dir() / "mlartifacts").resolve().as_uri()
-    return uri, client.create_experiment(experiment, artifact_location=artifact_location)
+    try:
+        return uri, client.create_experiment(experiment, artifact_location=artifact_location)
+    except MlflowException:
+        # Another node's rank 0 (each node has one) created it first on the shared server.
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return uri, found.experiment_id
 
 
 def git_commit() -> str:

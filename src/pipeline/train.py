@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +18,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -37,6 +42,7 @@ class RunResult:
     run_id: str
     val_acc: float
     model_uri: str
+    test_acc: Optional[float] = None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -51,8 +57,21 @@ def cpu_has_native_bf16() -> bool:
 def auto_precision(accelerator: str) -> str:
     """bf16-mixed where the hardware does bf16 natively, 16-mixed on older GPUs, else fp32."""
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        # including_emulation=False: V100/T4 "support" bf16 only by emulation, far slower than fp16.
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
+def unusable_gpu() -> Optional[str]:
+    """A sentence when an NVIDIA GPU is present but torch cannot use CUDA (e.g. the driver is older than
+    torch's CUDA build), so that ``--profile auto`` does not silently train the CPU recipe."""
+    if torch.cuda.is_available():
+        return None
+    if not (Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi")):
+        return None
+    build = torch.version.cuda or "none (a CPU-only torch)"
+    return (f"An NVIDIA GPU is present but torch {torch.__version__} cannot use it (torch's CUDA build: {build}); "
+            "check `nvidia-smi` for the driver's CUDA version. Training on the CPU recipe.")
 
 
 def make_datamodule(config: dict, data_dir: str) -> ImageFolderDataModule:
@@ -61,19 +80,35 @@ def make_datamodule(config: dict, data_dir: str) -> ImageFolderDataModule:
 
 def make_module(config: dict, dm: ImageFolderDataModule) -> ImageClassifier:
     dm.prepare()
-    return ImageClassifier(
+    module = ImageClassifier(
         arch=config["model"]["arch"], model_args=config["model"].get("args") or {},
         classes=dm.classes, mean=dm.mean, std=dm.std, image_size=config["data"]["image_size"],
-        **config.get("optim", {}),
+        tta=int(config["model"].get("tta", 0)), **config.get("optim", {}),
     )
+    whiten = getattr(module.model.net, "whiten", None)
+    if whiten is not None:
+        # Patch-whitening filters from the training split (5,000 images are plenty; same on every rank).
+        sample = dm.train_images[:5000].float().div(255.0)
+        whiten.init_from((sample - module.model.mean) / module.model.std)
+    return module
 
 
-def find_resumable_run(client: MlflowClient, experiment_id: str, family: str) -> Optional[tuple[str, Path]]:
-    """The newest unfinished run of ``family`` that left a ``last.ckpt`` behind."""
-    runs = client.search_runs(
-        [experiment_id], f"tags.family = '{family}' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=5,
-    )
+def config_digest(config: dict, fingerprint: str) -> str:
+    """What a checkpoint must match to be resumed: the resolved config and the data."""
+    text = json.dumps({k: v for k, v in config.items() if k != "tracking"}, sort_keys=True, default=str)
+    return hashlib.sha256(f"{text}\n{fingerprint}".encode()).hexdigest()[:16]
+
+
+def find_resumable_run(client: MlflowClient, experiment_id: str, family: str,
+                       digest: Optional[str] = None) -> Optional[tuple[str, Path]]:
+    """The newest unfinished run of ``family`` with the same config and data that left a ``last.ckpt``.
+
+    Matching on the config digest keeps a GPU machine from resuming a CPU run of another width.
+    """
+    where = f"tags.family = '{family}' and attributes.status != 'FINISHED'"
+    if digest:
+        where += f" and tags.config_digest = '{digest}'"
+    runs = client.search_runs([experiment_id], where, order_by=["attributes.start_time DESC"], max_results=5)
     for run in runs:
         last = Path(run.data.tags.get("checkpoint_dir", "")) / "last.ckpt"
         if last.is_file():
@@ -100,21 +135,27 @@ def train_family(
     client = MlflowClient(tracking_uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
 
+    digest = config_digest(config, dm.fingerprint)
     run_id, ckpt_path = None, None
     if resume:  # every DDP rank looks it up, so all of them load the same checkpoint
-        found = find_resumable_run(client, experiment_id, family)
+        found = find_resumable_run(client, experiment_id, family, digest)
         if found:
             run_id, ckpt_path = found
             if rank_zero_only.rank == 0:
                 console.print(f"[bold]Resuming[/] {family} run {run_id} from {ckpt_path}")
+        elif rank_zero_only.rank == 0:
+            console.print(f"No unfinished {family} run with this config and data to resume: starting a new one.")
     logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_name=family,
                           run_id=run_id, log_model=False)
     checkpoint_dir = project_dir() / "checkpoints" / experiment / (logger.run_id or "rank")
     trainer_args = dict(config["trainer"])
     if trainer_args.get("precision") == "auto":
         trainer_args["precision"] = auto_precision(trainer_args.get("accelerator", "auto"))
+    every = int((config.get("checkpoint") or {}).get("every_n_epochs", 1))
+    if int(trainer_args.get("max_epochs") or 1) % every:
+        every = 1  # the last epoch (the lookahead average) must always be a checkpoint candidate
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch:03d}", monitor="val/acc",
-                                 mode="max", save_last=True, auto_insert_metric_name=False)
+                                 mode="max", save_last=True, auto_insert_metric_name=False, every_n_epochs=every)
     trainer = L.Trainer(logger=logger, callbacks=[checkpoint, RichProgressBar()], enable_model_summary=False,
                         **trainer_args)
 
@@ -127,10 +168,11 @@ def train_family(
         if run_id is None:
             logger.log_hyperparams(flatten({k: v for k, v in config.items() if k != "tracking"}))
             logger.log_hyperparams({"n_parameters": n_params, "data.train_size": summary["train_size"],
-                                    "data.val_size": summary["val_size"],
+                                    "data.val_size": summary["val_size"], "data.test_size": summary["test_size"],
+                                    "data.test_source": summary["test_source"],
                                     "data.fingerprint": summary["fingerprint"]})
             for key, value in {"family": family, "git_commit": git_commit(), "data_dir": str(data_dir),
-                               "data_fingerprint": summary["fingerprint"],
+                               "data_fingerprint": summary["fingerprint"], "config_digest": digest,
                                "checkpoint_dir": str(checkpoint_dir)}.items():
                 logger.experiment.set_tag(logger.run_id, key, value)
             with tempfile.TemporaryDirectory() as tmp:
@@ -138,9 +180,25 @@ def train_family(
                 path.write_text(yaml.safe_dump({**config, "data_dir": str(data_dir)}, sort_keys=False))
                 logger.experiment.log_artifact(logger.run_id, str(path))
 
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    first_epoch = 0 if not ckpt_path else torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"] + 1
+    fit_started = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    if dm.test_images is not None:
-        trainer.test(module, datamodule=dm, ckpt_path="best", verbose=False)
+    fit_seconds = time.perf_counter() - fit_started
+    if trainer.is_global_zero:
+        # What bench/train_budget.py and bench/gpu_check.sh report per family.
+        epochs_run = max(1, trainer.current_epoch - first_epoch)
+        facts = {"fit_seconds": fit_seconds, "seconds_per_epoch": fit_seconds / epochs_run}
+        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+            facts["gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        logger.experiment.log_batch(logger.run_id, metrics=[
+            Metric(key, float(value), int(time.time() * 1000), 0) for key, value in facts.items()])
+        logger.experiment.set_tag(logger.run_id, "precision", str(trainer_args["precision"]))
+        if torch.cuda.is_available():
+            logger.experiment.set_tag(logger.run_id, "device", torch.cuda.get_device_name())
+    # Test scores come from rank 0 in finish_run, on the best checkpoint it wrote itself: with several
+    # nodes, trainer.test(ckpt_path="best") would look for rank 0's file on the other nodes' disks.
     if not trainer.is_global_zero:
         return None
     return finish_run(config, dm, checkpoint, logger, client)
@@ -154,19 +212,30 @@ def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpo
     classifier = best.model.eval().float()
     val_probs = torch_probabilities(classifier, dm.val_images.cpu())
     scores = score(val_probs, dm.val_labels.cpu().numpy(), dm.classes)
-    console.print(scores.table(f"{family}: best checkpoint, validation accuracy {scores.accuracy:.4f}"))
+    tta = f", TTA level {classifier.tta}" if classifier.tta else ""
+    console.print(scores.table(f"{family}: best checkpoint{tta}, validation accuracy {scores.accuracy:.4f}"))
+    test_scores = None
+    if dm.test_images is not None:
+        test_scores = score(torch_probabilities(classifier, dm.test_images.cpu()), dm.test_labels.cpu().numpy(),
+                            dm.classes)
+        console.print(test_scores.table(f"{family}: test split ({len(dm.test_labels):,} images never used for "
+                                        f"training or selection){tta}, accuracy {test_scores.accuracy:.4f}"))
 
     metadata: dict[str, Any] = {
         "classes": dm.classes, "image_size": int(config["data"]["image_size"]),
         "mean": dm.mean, "std": dm.std, "arch": config["model"]["arch"],
         "model_args": config["model"].get("args") or {}, "family": family,
-        "run_id": run_id, "val_acc": scores.accuracy, "input": "float32 (N, 3, H, W) RGB in [0, 1]",
+        "run_id": run_id, "val_acc": scores.accuracy, "tta": classifier.tta,
+        "test_acc": None if test_scores is None else test_scores.accuracy,
+        "input": "float32 (N, 3, H, W) RGB in [0, 1]",
         "output": "softmax probabilities (N, classes)", "data_fingerprint": dm.fingerprint,
     }
     mlflow.set_tracking_uri(client.tracking_uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({"best_val_acc": scores.accuracy,
                             **scores.metrics("best/val_")})
+        if test_scores is not None:
+            mlflow.log_metrics({"test_acc": test_scores.accuracy, **test_scores.metrics("best/test_")})
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             plot_confusion_matrix(scores.confusion, dm.classes, folder / "confusion_matrix.png",
@@ -181,7 +250,8 @@ def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpo
             except ValueError as error:  # a network without named stages: the run still finishes
                 console.print(f"[yellow]No feature-map pictures for {family}:[/] {error}")
             mlflow.log_artifacts(str(folder), artifact_path="plots")
-        model_uri, max_diff = log_classifier(classifier, metadata, dm.val_images[:256].cpu())
-        mlflow.log_metric("onnx_max_abs_diff", max_diff)
+        model_uri, checks = log_classifier(classifier, metadata, dm.val_images[:256].cpu())
+        mlflow.log_metrics(checks)
         mlflow.set_tag("model_uri", model_uri)
-    return RunResult(family, run_id, scores.accuracy, model_uri)
+    return RunResult(family, run_id, scores.accuracy, model_uri,
+                     None if test_scores is None else test_scores.accuracy)

@@ -1,8 +1,13 @@
-"""CIFAR-style residual nets (He et al. 2015, section 4.2).
+"""Residual nets for small images.
 
-``depth`` = 6n + 2 with three stages; ``width`` scales the stage widths (16, 32, 64).
-ResNet-20 (depth 20, width 1) fits a CPU budget; depth 18 with width 4 gives a wider
-ResNet-18-class net for the GPU recipe.
+``variant="resnet9"`` (the default recipe) follows David Page's ResNet-9 (DAWNBench): a
+stem, then three layers of conv -> max-pool -> BN -> activation, with a two-conv residual
+after the first and the last; global max-pool and a linear head scaled by 1/8. Here the
+stem is airbench's patch-whitening layer and ``widths`` sets the three layer widths
+(Page's are 128, 256, 512; the CPU recipe uses less).
+
+``variant="cifar"`` is He et al. 2015's CIFAR ResNet (section 4.2): ``depth`` = 6n + 2
+with three stages, ``width`` scaling the stage widths (16, 32, 64); ResNet-20 is depth 20.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from pipeline.models.layers import PatchWhitening, Residual, Scale, activation, conv_pool_norm
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -78,5 +85,34 @@ class ResNet(nn.Module):
         return list(self.head)
 
 
-def resnet(num_classes: int, **kwargs) -> ResNet:
+class ResNet9(nn.Module):
+    def __init__(self, num_classes: int, widths: tuple[int, int, int] = (64, 128, 256), act: str = "gelu",
+                 in_channels: int = 3, logit_scale: float = 0.125) -> None:
+        super().__init__()
+        if len(widths) != 3 or any(int(w) < 1 for w in widths):
+            raise ValueError(f"ResNet-9 needs three positive widths, got {list(widths)}")
+        w1, w2, w3 = (int(w) for w in widths)
+        self.whiten = PatchWhitening(in_channels, kernel_size=2)
+        self.stem = nn.Sequential(self.whiten, activation(act))
+        self.layer1 = nn.Sequential(*conv_pool_norm(self.whiten.out_channels, w1, act), Residual(w1, act))
+        self.layer2 = nn.Sequential(*conv_pool_norm(w1, w2, act))
+        self.layer3 = nn.Sequential(*conv_pool_norm(w2, w3, act), Residual(w3, act))
+        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                                  nn.Linear(w3, num_classes, bias=False), Scale(logit_scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+    def explain_stages(self) -> list[tuple[str, nn.Module]]:
+        return [("whiten", self.stem), ("layer1", self.layer1), ("layer2", self.layer2), ("layer3", self.layer3)]
+
+    def explain_head(self) -> list[nn.Module]:
+        return list(self.head)
+
+
+def resnet(num_classes: int, variant: str = "cifar", **kwargs) -> nn.Module:
+    if variant == "resnet9":
+        return ResNet9(num_classes=num_classes, **kwargs)
+    if variant != "cifar":
+        raise ValueError(f"Unknown ResNet variant {variant!r}: choose resnet9 or cifar")
     return ResNet(num_classes=num_classes, **kwargs)
