@@ -1,13 +1,17 @@
-"""Load the packaged classifier service and a naive peer side by side, on 127.0.0.1 only.
+"""Load the packaged classifier service and two peers side by side, on 127.0.0.1 only.
 
-    make package && .venv/bin/python bench/serve_load.py --image some.jpg [--seconds 20 --soak 60]
+    make package && .venv/bin/python bench/serve_load.py --image some.jpg [--seconds 15 --rounds 3 --soak 60]
+
+Peers, on the same ONNX model and the same decode: a naive FastAPI + uvicorn app (one model
+call per request), and LitServe with batching on, in the best of the configurations tried
+(``--litserve-configs``: workers x max batch size). Load comes from ``wrk`` (Debian's
+package; `apt-get install wrk`) when it is installed, else from a Python client.
 
 Measures, with the same client and image:
   * start-up time to /readyz and memory (RSS of the whole process tree) of `bentoml serve`;
-  * p50/p99 latency at concurrency 1, and the latency the service adds over an in-process
-    call of the same ONNX model on the same decoded image;
-  * req/s at 32 concurrent clients, interleaved rounds against the service and a naive peer
-    (FastAPI + uvicorn, one model call per request, same ONNX model and decoding);
+  * at 1, 32 and 64 connections: req/s, p50 and p99 latency, errors, for every server, in
+    interleaved rounds (median over rounds);
+  * the latency the service adds over an in-process call of the same ONNX model at 1 connection;
   * a soak at 32 clients: 5xx and 503 counts.
 Traffic is bounded in count and time and goes to loopback only.
 """
@@ -17,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import platform
 import signal
 import socket
@@ -59,6 +65,71 @@ PEER = textwrap.dedent('''
         return {{"label": model.classes[int(row.argmax())],
                  "probabilities": dict(zip(model.classes, map(float, row)))}}
 ''')
+
+
+LITSERVE = textwrap.dedent('''
+    import sys
+    import litserve as ls
+    sys.path.insert(0, {src!r})
+    from pipeline.runtime.imaging import decode_image
+    from pipeline.runtime.onnx_model import OnnxClassifier
+    import numpy as np
+
+    class Classifier(ls.LitAPI):
+        def setup(self, device):
+            self.model = OnnxClassifier.from_dir({model_dir!r}, threads=1, spinning=False)
+
+        def decode_request(self, request):
+            return decode_image(request["image"].file.read(), self.model.image_size)
+
+        def batch(self, inputs):
+            return np.stack(inputs)
+
+        def predict(self, images):
+            return self.model.predict_proba(images)
+
+        def unbatch(self, output):
+            return list(output)
+
+        def encode_response(self, row):
+            return {{"label": self.model.classes[int(row.argmax())],
+                     "probabilities": dict(zip(self.model.classes, map(float, row)))}}
+
+    if __name__ == "__main__":
+        api = Classifier(max_batch_size={batch}, batch_timeout=0.002, api_path="/classify")
+        ls.LitServer(api, accelerator="cpu", workers_per_device={workers}, timeout=60).run(
+            port={port}, host="127.0.0.1", generate_client_file=False)
+''')
+
+WRK_SCRIPT = '''
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=benchboundary7d1f"
+local f = io.open(os.getenv("BENCH_BODY"), "rb")
+wrk.body = f:read("*all")
+f:close()
+'''
+
+
+def wrk_load(url: str, body_file: Path, script: Path, clients: int, seconds: float) -> dict:
+    """``clients`` keep-alive connections from wrk (one thread: the other core serves)."""
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "--timeout", "30s",
+                          "-s", str(script), url], capture_output=True, text=True,
+                         env={**os.environ, "BENCH_BODY": str(body_file)}, timeout=seconds + 60).stdout
+
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, socket_errors.groups())) if socket_errors else 0)
+    return {"p50": latency("50"), "p99": latency("99"), "rps": rps, "n": total, "errors": errors,
+            "statuses": {"non-2xx": int(non2xx.group(1)) if non2xx else 0}}
 
 
 def free_port() -> int:
@@ -165,9 +236,11 @@ async def load(url: str, data: bytes, clients: int, seconds: float, max_requests
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", required=True)
-    parser.add_argument("--seconds", type=float, default=15, help="per throughput round")
+    parser.add_argument("--seconds", type=float, default=15, help="per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", default="1,32,64")
     parser.add_argument("--soak", type=float, default=60, help="seconds at 32 clients against the service")
+    parser.add_argument("--litserve-configs", default="1x16,2x16", help="WORKERSxMAX_BATCH, comma-separated")
     parser.add_argument("--bento", default="cifar4_classifier:latest")
     args = parser.parse_args()
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
@@ -176,75 +249,134 @@ def main() -> None:
     import bentoml
 
     stored = bentoml.models.get("cifar4-classifier:latest")
-    model = OnnxClassifier.from_dir(stored.path)
+    model = OnnxClassifier.from_dir(stored.path, threads=1)
     data = Path(args.image).read_bytes()
     decoded = decode_image(data, model.image_size)
     bentoml_bin = str(Path(sys.executable).parent / "bentoml")
-    console = Console(width=130)
+    console = Console(width=150)
+    connections = [int(c) for c in args.connections.split(",")]
+    use_wrk = shutil.which("wrk") is not None
 
-    # In-process reference: the same model on the same decoded image.
+    # In-process reference: the same model on the same decoded image, one thread (as each worker).
     for _ in range(50):
         model.predict_proba(decoded)
     in_process = []
-    for _ in range(500):
+    for _ in range(300):
         t0 = time.perf_counter()
         model.predict_proba(decoded)
         in_process.append((time.perf_counter() - t0) * 1000)
     in_p50 = statistics.median(in_process)
 
     tmp = Path(tempfile.mkdtemp())
-    port, peer_port = free_port(), free_port()
-    service, startup = start([bentoml_bin, "serve", args.bento, "--host", "127.0.0.1", "--port", str(port),
-                              "--timeout-keep-alive", "75"],
-                             f"http://127.0.0.1:{port}/readyz", tmp / "service.log", env)
-    peer_file = tmp / "peer.py"
-    peer_file.write_text(PEER.format(src=str(ROOT / "src"), model_dir=str(stored.path)))
-    peer, _ = start([sys.executable, "-m", "uvicorn", "peer:app", "--app-dir", str(tmp), "--host", "127.0.0.1",
-                     "--port", str(peer_port), "--log-level", "warning"],
-                    f"http://127.0.0.1:{peer_port}/docs", tmp / "peer.log", env)
-    service_url, peer_url = f"http://127.0.0.1:{port}/classify", f"http://127.0.0.1:{peer_port}/classify"
-    try:
-        idle_rss = tree_rss_mb(service.pid)
-        asyncio.run(load(service_url, data, 1, 3, 200))  # warm-up
-        asyncio.run(load(peer_url, data, 1, 3, 200))
-        single = asyncio.run(load(service_url, data, 1, 10, 2000))
-        peer_single = asyncio.run(load(peer_url, data, 1, 10, 2000))
-        service_rps, peer_rps = [], []
-        for _ in range(args.rounds):
-            service_rps.append(asyncio.run(load(service_url, data, 32, args.seconds, 100_000))["rps"])
-            peer_rps.append(asyncio.run(load(peer_url, data, 32, args.seconds, 100_000))["rps"])
-        soak = asyncio.run(load(service_url, data, 32, args.soak, 1_000_000))
-        loaded_rss = tree_rss_mb(service.pid)
-    finally:
-        stop(service)
-        stop(peer)
+    body_file, script = tmp / "body.bin", tmp / "post.lua"
+    request = multipart_request("127.0.0.1", 1, "/classify", data)
+    body_file.write_bytes(request.split(b"\r\n\r\n", 1)[1])
+    script.write_text(WRK_SCRIPT)
 
-    table = Table(title="Classifier service vs naive FastAPI peer (same ONNX model, same image)")
-    for column in ("measure", "service", "naive peer", "ratio / note"):
-        table.add_column(column, justify="left" if column == "measure" else "right")
-    table.add_row("in-process model call p50 (ms)", f"{in_p50:.3f}", "", "reference")
-    table.add_row("concurrency 1: p50 / p99 (ms)", f"{single['p50']:.2f} / {single['p99']:.2f}",
-                  f"{peer_single['p50']:.2f} / {peer_single['p99']:.2f}", "")
-    table.add_row("p50 added over in-process (ms)", f"{single['p50'] - in_p50:.2f}", "",
-                  "target <= 2 ms")
-    med_s, med_p = statistics.median(service_rps), statistics.median(peer_rps)
-    table.add_row(f"32 clients: req/s (median of {args.rounds})", f"{med_s:,.0f}", f"{med_p:,.0f}",
-                  f"{med_s / med_p:.2f}x (target >= 1.5x)")
-    table.add_row(f"soak {args.soak:.0f} s at 32 clients", f"{soak['n']:,} req, p50 {soak['p50']:.1f} ms, "
-                  f"p99 {soak['p99']:.1f} ms", "", f"statuses {soak['statuses']}, conn errors {soak['errors']}")
-    fivexx = sum(v for k, v in soak["statuses"].items() if k >= 500)
-    table.add_row("soak 5xx / 503", f"{fivexx} / {soak['statuses'].get(503, 0)}", "", "target 0 / 0")
-    table.add_row("service RSS, all processes (MB)", f"idle {idle_rss:,.0f}, loaded {loaded_rss:,.0f}", "",
-                  "target <= 1024")
-    table.add_row("start to /readyz (s)", f"{startup:.1f}", "", "target <= 10")
+    def run_load(url: str, clients: int, seconds: float) -> dict:
+        if use_wrk:
+            return wrk_load(url, body_file, script, clients, seconds)
+        return asyncio.run(load(url, data, clients, seconds, 1_000_000))
+
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        port = free_port()
+        service, startup = start([bentoml_bin, "serve", args.bento, "--host", "127.0.0.1", "--port", str(port),
+                                  "--timeout-keep-alive", "75"],
+                                 f"http://127.0.0.1:{port}/readyz", tmp / "service.log", env)
+        servers["service"] = (service, f"http://127.0.0.1:{port}/classify")
+        idle_rss = tree_rss_mb(service.pid)
+        peer_port = free_port()
+        (tmp / "peer.py").write_text(PEER.format(src=str(ROOT / "src"), model_dir=str(stored.path)))
+        peer, _ = start([sys.executable, "-m", "uvicorn", "peer:app", "--app-dir", str(tmp), "--host", "127.0.0.1",
+                         "--port", str(peer_port), "--log-level", "warning"],
+                        f"http://127.0.0.1:{peer_port}/docs", tmp / "peer.log", env)
+        servers["naive FastAPI"] = (peer, f"http://127.0.0.1:{peer_port}/classify")
+
+        # LitServe: keep the configuration that serves the most at 32 connections.
+        best, litserve_tried = None, []
+        for config in args.litserve_configs.split(","):
+            workers, batch = (int(v) for v in config.split("x"))
+            lit_port = free_port()
+            (tmp / f"lit_{config}.py").write_text(LITSERVE.format(src=str(ROOT / "src"), model_dir=str(stored.path),
+                                                                 batch=batch, workers=workers, port=lit_port))
+            lit, _ = start([sys.executable, str(tmp / f"lit_{config}.py")], f"http://127.0.0.1:{lit_port}/health",
+                           tmp / f"lit_{config}.log", env)
+            url = f"http://127.0.0.1:{lit_port}/classify"
+            run_load(url, 32, 3)
+            rps = run_load(url, 32, args.seconds)["rps"]
+            litserve_tried.append(f"{workers} worker(s), batch {batch}: {rps:,.0f} req/s")
+            if best is None or rps > best[0]:
+                if best is not None:
+                    stop(best[1])
+                best = (rps, lit, url, f"LitServe ({workers}w, batch {batch})")
+            else:
+                stop(lit)
+        servers[best[3]] = (best[1], best[2])
+
+        for _, url in servers.values():  # warm-up
+            run_load(url, 32, 3)
+        results: dict[tuple[str, int], list[dict]] = {}
+        loaded_rss = idle_rss
+        for _ in range(args.rounds):
+            for clients in connections:
+                for name, (process, url) in servers.items():
+                    results.setdefault((name, clients), []).append(run_load(url, clients, args.seconds))
+                    if name == "service":
+                        loaded_rss = max(loaded_rss, tree_rss_mb(service.pid))
+        soak = run_load(servers["service"][1], 32, args.soak)
+    finally:
+        for process, _ in servers.values():
+            stop(process)
+
+    def median(name: str, clients: int, key: str) -> float:
+        return statistics.median(r[key] for r in results[(name, clients)])
+
+    names = list(servers)
+    table = Table(title=f"Classifier service vs peers, same ONNX model and image, load from "
+                        f"{'wrk -t1' if use_wrk else 'a Python client'}, median of {args.rounds} rounds of "
+                        f"{args.seconds:.0f} s")
+    table.add_column("connections", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("service / peers", justify="right")
+    for clients in connections:
+        cells = []
+        for name in names:
+            errors = sum(r["errors"] for r in results[(name, clients)])
+            cells.append(f"{median(name, clients, 'rps'):,.0f} req/s\np50 {median(name, clients, 'p50'):.2f} ms, "
+                         f"p99 {median(name, clients, 'p99'):.2f} ms\nerrors {errors}")
+        ratios = [f"{median('service', clients, 'rps') / median(n, clients, 'rps'):.2f}x {n.split(' ')[0]}"
+                  for n in names[1:]]
+        tail = median("service", clients, "p99") / median("service", clients, "p50")
+        table.add_row(str(clients), *cells, "\n".join(ratios + [f"service p99/p50 {tail:.1f}"]))
     console.print(table)
-    console.print(f"rounds: service {[round(r) for r in service_rps]}, peer {[round(r) for r in peer_rps]}")
+    summary = Table(title="Service")
+    for column in ("measure", "value", "target"):
+        summary.add_column(column)
+    summary.add_row("in-process model call p50, 1 thread", f"{in_p50:.3f} ms", "reference")
+    summary.add_row("p50 added over in-process at 1 connection", f"{median('service', connections[0], 'p50') - in_p50:.2f} ms",
+                    "<= 1 ms")
+    fivexx = soak["statuses"].get("non-2xx", 0) if use_wrk else sum(v for k, v in soak["statuses"].items() if k >= 500)
+    summary.add_row(f"soak {args.soak:.0f} s at 32 connections", f"{soak['n']:,} requests, p50 {soak['p50']:.1f} ms, "
+                    f"p99 {soak['p99']:.1f} ms, errors {soak['errors']}, non-2xx {fivexx}", "0 errors")
+    summary.add_row("RSS, all service processes", f"idle {idle_rss:,.0f} MB, under load {loaded_rss:,.0f} MB", "<= 500 MB")
+    summary.add_row("start to /readyz", f"{startup:.1f} s", "<= 3 s")
+    console.print(summary)
+    console.print("LitServe configurations tried at 32 connections: " + "; ".join(litserve_tried))
     import bentoml as b
     import onnxruntime
 
+    versions = f"bentoml {b.__version__}, onnxruntime {onnxruntime.__version__}"
+    try:
+        import litserve
+
+        versions += f", litserve {litserve.__version__}"
+    except ImportError:
+        pass
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; python "
-                  f"{platform.python_version()}, bentoml {b.__version__}, onnxruntime {onnxruntime.__version__}; "
-                  f"model {stored.tag} ({stored.info.metadata.get('arch')})")
+                  f"{platform.python_version()}, {versions}; model {stored.tag} ({stored.info.metadata.get('arch')}, "
+                  f"TTA {stored.info.metadata.get('tta', 0)})")
 
 
 if __name__ == "__main__":

@@ -22,3 +22,31 @@ def test_unknown_family_and_bad_override():
         resolve_config("alexnet", "cpu")
     with pytest.raises(ValueError, match="key.path=value"):
         resolve_config("lenet", "cpu", ["epochs"])
+
+
+def test_unknown_keys_name_the_closest_known_ones(tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"Unknown config key optim.lrr: did you mean optim.lr( |\?)"):
+        resolve_config("vgg", "cpu", ["optim.lrr=0.05"])
+    with pytest.raises(ConfigError, match="Unknown config key tracking.experimnt: did you mean tracking.experiment"):
+        resolve_config("vgg", "cpu", ["tracking.experimnt=x"])
+    with pytest.raises(ConfigError, match="Config key data.batch_size must be a whole number, got 'big'"):
+        resolve_config("vgg", "cpu", ["data.batch_size=big"])
+    # The same check covers the YAML files.
+    import shutil
+
+    from pipeline.config import config_dir
+
+    shutil.copytree(config_dir(), tmp_path / "configs")
+    (tmp_path / "configs" / "model" / "vgg.yaml").write_text("model: {arch: vgg}\ndata: {batch_sise: 64}\n")
+    with pytest.raises(ConfigError, match="Unknown config key data.batch_sise: did you mean data.batch_size"):
+        resolve_config("vgg", "cpu", directory=tmp_path / "configs")
+
+
+def test_a_typo_on_the_command_line_is_one_sentence(capsys):
+    from pipeline.cli import main
+
+    assert main(["train", "--data", ".", "--models", "lenet", "--set", "optim.lrr=0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown config key optim.lrr: did you mean optim.lr" in err and "Traceback" not in err

@@ -204,3 +204,13 @@ def test_bf16_is_not_chosen_where_it_is_only_emulated(monkeypatch):
     monkeypatch.setattr(train.torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: including_emulation)  # a V100: emulation only
     assert train.auto_precision("gpu") == "16-mixed"
+
+
+def test_cutout_blanks_one_square_per_image_with_the_fill():
+    from pipeline.data import cutout_batch
+
+    images = torch.ones(64, 3, 32, 32)
+    out = cutout_batch(images, 8, torch.tensor([0.1, 0.2, 0.3]), torch.Generator().manual_seed(0))
+    blanked = (out[:, 0] == 0.1).sum((1, 2))
+    assert blanked.max() == 64 and blanked.min() > 0  # a full 8x8 square, or its part inside the image
+    assert torch.equal(out[:, 1] == 0.2, out[:, 0] == 0.1) and ((out == 1) | (out < 0.5)).all()

@@ -1,5 +1,6 @@
 """End to end on tiny synthetic images: train -> MLflow run -> MLflow Model -> champion alias."""
 
+import json
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ from pipeline.data import load_image_folder
 from pipeline.module import ImageClassifier
 
 pytestmark = pytest.mark.slow
-TRAIN = ["--epochs", "8", "--set", "data.batch_size=32", "--set", "data.val_fraction=0.2"]
+TRAIN = ["--epochs", "8", "--set", "data.batch_size=32", "--set", "data.val_fraction=0.2",
+         "--set", "tracking.system_metrics_interval_s=0.5"]
 
 
 @pytest.fixture
@@ -54,12 +56,23 @@ def test_training_logs_runs_models_and_champion(trained, toy_folder, isolated_pr
         assert maps[:-1] == ["00_input.png", *[f"{i:02d}_{name}.png" for i, name in enumerate(stages, 1)]]
         assert maps[-1].startswith(f"{len(stages) + 1:02d}_gradcam_")
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+        inputs = {i.tags[0].value: i.dataset for i in client.get_run(run.info.run_id).inputs.dataset_inputs}
+        assert set(inputs) == {"training", "validation", "test"}
+        assert inputs["training"].digest == run.data.tags["data_fingerprint"]
+        assert json.loads(inputs["test"].profile)["per_class"] == {c: 6 for c in ("bird", "boat", "cat", "dog")}
         assert run.data.tags["git_commit"] and run.data.tags["data_fingerprint"]
 
     # The champion is the better run, and its model carries its metadata.
     best = max(runs.values(), key=lambda r: r.data.metrics["best_val_acc"])
     champion = client.get_model_version_by_alias("cifar4-classifier", "champion")
     assert champion.run_id == best.info.run_id
+    tags = champion.tags
+    assert tags["family"] == best.data.tags["family"] and tags["val_acc"] == f"{best.data.metrics['best_val_acc']:.4f}"
+    assert tags["test_acc"] == f"{best.data.metrics['test_acc']:.4f}" and tags["git_commit"] and tags["data_digest"]
+    assert "test accuracy" in champion.description
+    experiment = client.get_experiment_by_name("cifar4")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's "Model training" mode
     info = mlflow.models.get_model_info("models:/cifar4-classifier@champion")
     assert info.metadata["classes"] == ["bird", "boat", "cat", "dog"]
     assert {"mean", "std", "image_size", "arch", "model_args"} <= set(info.metadata)
@@ -115,3 +128,35 @@ def test_ddp_config_path_runs_with_two_cpu_processes(toy_folder, isolated_projec
     (run,) = client.search_runs([client.get_experiment_by_name("cifar4").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["trainer.strategy"] == "ddp"
     assert client.get_model_version_by_alias("cifar4-classifier", "champion").run_id == run.info.run_id
+
+
+def test_logs_get_one_line_per_epoch_and_terminals_keep_the_bar(toy_folder, capsys):
+    import io
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from pipeline.progress import EpochLines, progress_callback
+
+    assert main(["train", "--data", str(toy_folder), "--models", "lenet", "--epochs", "3",
+                 "--set", "data.batch_size=32"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lenet epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["lenet epoch 1/3", "lenet epoch 2/3", "lenet epoch 3/3"]
+    assert all("train loss" in line and "val loss" in line and " acc 0." in line and "ETA" in line for line in lines)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress_callback("lenet", Terminal()), RichProgressBar)
+    assert isinstance(progress_callback("lenet", io.StringIO()), EpochLines)
+
+
+def test_the_alias_can_be_moved_back_by_hand(trained, capsys):
+    client, _ = trained
+    before = client.get_model_version_by_alias("cifar4-classifier", "champion").version
+    assert main(["champion", "--version", "1"]) == 0
+    assert client.get_model_version_by_alias("cifar4-classifier", "champion").version == "1"
+    out = capsys.readouterr().out
+    assert ("nothing changed" in out) if before == "1" else (f"moved from version {before}" in out)
+    assert main(["champion", "--version", "99"]) == 2
+    assert "has no version 99" in capsys.readouterr().err

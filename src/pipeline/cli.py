@@ -126,6 +126,11 @@ def _champion(args: argparse.Namespace) -> int:
     from pipeline.tracking import setup_tracking
 
     uri, experiment_id = setup_tracking(args.experiment)
+    if args.version is not None:
+        from pipeline.registry import move_alias
+
+        console.print(move_alias(MlflowClient(uri), args.registered_model, args.alias, args.version))
+        return 0
     decision = promote_champion(MlflowClient(uri), experiment_id, args.registered_model, args.alias)
     console.print(decision.table)
     console.print(f"{args.registered_model}@{args.alias}: version {decision.version}"
@@ -211,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     champion.add_argument("--experiment", default="cifar4")
     champion.add_argument("--registered-model", default="cifar4-classifier")
     champion.add_argument("--alias", default="champion")
+    champion.add_argument("--version", help="point the alias at this registered version (promote or roll back "
+                                            "by hand) instead of choosing the best run")
     champion.set_defaults(func=_champion)
 
     pack = sub.add_parser("package", help="store a registered model in BentoML and build the bento")
@@ -246,13 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_noise()
     from mlflow.exceptions import MlflowException
 
-    from pipeline.errors import DataError
+    from pipeline.errors import ConfigError, DataError
     from pipeline.runtime.onnx_model import ModelError
     from pipeline.tracking import TrackingError
 
     try:
         return args.func(args)
-    except (DataError, TrackingError, ModelError) as error:
+    except (DataError, ConfigError, TrackingError, ModelError) as error:
         errors.print(f"[bold red]error:[/] {error}", highlight=False)
         return 2
     except MlflowException as error:

@@ -9,6 +9,8 @@ every MLflow run as ``config.yaml``.
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,9 @@ from typing import Any
 import yaml
 
 PROFILES = ("cpu", "gpu")
+
+
+from pipeline.errors import ConfigError  # noqa: E402
 
 
 def config_dir() -> Path:
@@ -50,7 +55,7 @@ def available_models(directory: Path | None = None) -> list[str]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ValueError(f"Override {text!r} must look like key.path=value")
+        raise ConfigError(f"Override {text!r} must look like key.path=value")
     key, raw = text.split("=", 1)
     return key.strip().split("."), yaml.safe_load(raw)
 
@@ -63,7 +68,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ValueError(f"Override {text!r}: {key!r} is not a section")
+                raise ConfigError(f"Override {text!r}: {key!r} is not a section")
         node[keys[-1]] = value
     return config
 
@@ -73,10 +78,10 @@ def resolve_config(family: str, profile: str, overrides: list[str] | None = None
     """The full config of one training run."""
     directory = directory or config_dir()
     if profile not in PROFILES:
-        raise ValueError(f"Unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+        raise ConfigError(f"Unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
     model_file = directory / "model" / f"{family}.yaml"
     if not model_file.exists():
-        raise ValueError(
+        raise ConfigError(
             f"Unknown model family {family!r}: choose one of {', '.join(available_models(directory))}"
         )
     model = _read(model_file)
@@ -86,7 +91,74 @@ def resolve_config(family: str, profile: str, overrides: list[str] | None = None
     config = deep_merge(config, profile_blocks[profile])
     config["family"] = family
     config["profile"] = profile
-    return apply_overrides(config, overrides or [])
+    config = apply_overrides(config, overrides or [])
+    validate(config)
+    return config
+
+
+def _parameters(function, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """name -> default (inspect.Parameter.empty when required) of a callable's keyword parameters."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items()
+            if name not in skip and name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def schema() -> dict[str, dict[str, Any]]:
+    """Every section's known keys with a default that gives its type (None: any type)."""
+    import lightning as L
+
+    from pipeline.data import ImageFolderDataModule
+    from pipeline.module import ImageClassifier
+
+    return {
+        "data": _parameters(ImageFolderDataModule.__init__, ("data_dir",)),
+        "optim": _parameters(ImageClassifier.__init__, ("arch", "model_args", "classes", "mean", "std", "image_size")),
+        "trainer": {name: None for name in _parameters(L.Trainer.__init__)},
+        "model": {"arch": "", "args": None, "tta": 0},
+        "tracking": {"experiment": "", "registered_model": "", "alias": "", "system_metrics_interval_s": 10.0},
+        "checkpoint": {"every_n_epochs": 1},
+        "": {"seed": 0, "family": "", "profile": "", "data": None, "optim": None, "trainer": None, "model": None,
+             "tracking": None, "checkpoint": None},
+    }
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "true/false", int: "a whole number", float: "a number", str: "text", list: "a list",
+            dict: "a section"}.get(type(value), type(value).__name__)
+
+
+def _fits(value: Any, default: Any) -> bool:
+    if default is None or default is inspect.Parameter.empty or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        # flip accepts true/false or "alternate"; other bools must stay bools
+        return isinstance(value, bool) or (isinstance(default, bool) and isinstance(value, str))
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, int):
+        return isinstance(value, int)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
+
+
+def validate(config: dict) -> None:
+    """Refuse unknown keys (naming the closest known ones) and values of the wrong type."""
+    known = schema()
+    for section, keys in known.items():
+        node = config if section == "" else config.get(section)
+        if node is None:
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"Config key {section!r} must be a section of keys, got {node!r}.")
+        for key, value in node.items():
+            name = f"{section}.{key}" if section else key
+            if key not in keys:
+                choices = [f"{section}.{k}" if section else k for k in keys]
+                close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+                hint = f"did you mean {' or '.join(close)}?" if close else f"known keys: {', '.join(sorted(choices))}."
+                raise ConfigError(f"Unknown config key {name}: {hint}")
+            if not _fits(value, keys[key]):
+                raise ConfigError(f"Config key {name} must be {_type_name(keys[key])}, got {value!r}.")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:

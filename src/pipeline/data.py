@@ -137,6 +137,19 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 FLIP_MODES = (True, False, "alternate")
 
 
+def cutout_batch(images: torch.Tensor, size: int, fill: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017): a ``size`` x ``size`` square per image, at a random centre, set to ``fill``
+    (the mean colour: zero after normalization). Squares may hang over the edge, as in the paper."""
+    n, _, h, w = images.shape
+    top = torch.randint(0, h, (n, 1, 1), device=images.device, generator=generator) - size // 2
+    left = torch.randint(0, w, (n, 1, 1), device=images.device, generator=generator) - size // 2
+    rows = torch.arange(h, device=images.device)[None, :, None]
+    cols = torch.arange(w, device=images.device)[None, None, :]
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return torch.where(inside[:, None], fill.view(1, -1, 1, 1).to(images.dtype), images)
+
+
 def augment_batch(images: torch.Tensor, padding: int = 4, flip: bool = True, pad_mode: str = "constant",
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Random crop (zero or reflect padding) and random horizontal flip for a whole (N, C, H, W) batch."""
@@ -238,6 +251,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         crop_padding: int = 4,
         pad_mode: str = "constant",
         flip: bool | str = True,
+        cutout: int = 0,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -250,7 +264,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.data_dir = data_dir
         self.image_size, self.val_fraction, self.test_fraction, self.seed = image_size, val_fraction, test_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.crop_padding, self.pad_mode, self.flip = crop_padding, pad_mode, flip
+        self.crop_padding, self.pad_mode, self.flip, self.cutout = crop_padding, pad_mode, flip, cutout
         self.cache_dir = cache_dir
         self.augment_generator: Optional[torch.Generator] = None
         self._prepared = False
@@ -312,6 +326,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             "std": self.std,
         }
 
+    def split_counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split, for the MLflow dataset inputs."""
+        self.prepare()
+
+        def counts(labels) -> dict[str, int]:
+            if labels is None:
+                return {}
+            found = torch.bincount(labels.cpu(), minlength=len(self.classes)).tolist()
+            return dict(zip(self.classes, found))
+
+        return {"training": counts(self.train_labels), "validation": counts(self.val_labels),
+                "test": counts(self.test_labels)}
+
     def has_test_folder(self) -> bool:
         return resolve_data_dir(self.data_dir)[1] is not None
 
@@ -370,5 +397,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         images = images.float().div_(255.0)
         if self.trainer is not None and self.trainer.training:
             images = augment_batch(images, self.crop_padding, self.flip is True, self.pad_mode, self.augment_generator)
+            if self.cutout:
+                fill = torch.tensor(self.mean, device=images.device)
+                images = cutout_batch(images, self.cutout, fill, self.augment_generator)
         return images.contiguous(memory_format=torch.channels_last), labels
 

@@ -41,17 +41,31 @@ def current_champion(client: MlflowClient, name: str, alias: str):
 
 def comparison_table(runs, champion_run_id: Optional[str], limit: int = 15) -> Table:
     table = Table(title="Runs of the experiment by validation accuracy")
-    for column in ("run", "family", "arch args", "params", "epochs", "val acc", ""):
-        table.add_column(column, justify="right" if column in ("params", "epochs", "val acc") else "left")
+    for column in ("run", "family", "arch args", "params", "epochs", "val acc", "test acc", ""):
+        table.add_column(column, justify="right" if column in ("params", "epochs", "val acc", "test acc") else "left")
     for run in runs[:limit]:
         params, tags = run.data.params, run.data.tags
         table.add_row(
             run.info.run_id[:8], tags.get("family", "?"),
             " ".join(f"{k[len('model.args.'):]}={v}" for k, v in sorted(params.items()) if k.startswith("model.args.")),
             params.get("n_parameters", ""), params.get("trainer.max_epochs", ""),
-            f"{run.data.metrics[METRIC]:.4f}", "champion" if run.info.run_id == champion_run_id else "",
+            f"{run.data.metrics[METRIC]:.4f}",
+            f"{run.data.metrics['test_acc']:.4f}" if "test_acc" in run.data.metrics else "",
+            "champion" if run.info.run_id == champion_run_id else "",
         )
     return table
+
+
+def version_tags(run) -> dict[str, str]:
+    """What a registered version says about itself: family, accuracies, data and code."""
+    metrics, tags, params = run.data.metrics, run.data.tags, run.data.params
+    return {
+        "family": tags.get("family", ""), "arch": params.get("model.arch", ""),
+        "val_acc": f"{metrics[METRIC]:.4f}",
+        "test_acc": f"{metrics['test_acc']:.4f}" if "test_acc" in metrics else "no test split",
+        "data_digest": tags.get("data_fingerprint", ""), "git_commit": tags.get("git_commit", ""),
+        "run_id": run.info.run_id,
+    }
 
 
 def promote_champion(client: MlflowClient, experiment_id: str, name: str, alias: str = "champion") -> ChampionDecision:
@@ -69,8 +83,30 @@ def promote_champion(client: MlflowClient, experiment_id: str, name: str, alias:
         return ChampionDecision(best.info.run_id, best_acc, previous, champion.version, False,
                                 comparison_table(runs, champion.run_id))
     mlflow.set_tracking_uri(client.tracking_uri)
-    version = mlflow.register_model(best.data.tags["model_uri"], name,
-                                    tags={"val_acc": f"{best_acc:.4f}", "family": best.data.tags.get("family", "")})
+    tags = version_tags(best)
+    version = mlflow.register_model(best.data.tags["model_uri"], name, tags=tags)
+    client.update_model_version(name, version.version, description=(
+        f"{tags['family']} ({tags['arch']}), validation accuracy {tags['val_acc']}, test accuracy {tags['test_acc']} "
+        f"on a split that training and selection never saw; data {tags['data_digest']}, commit {tags['git_commit']}."))
     client.set_registered_model_alias(name, alias, version.version)
     return ChampionDecision(best.info.run_id, best_acc, previous, version.version, True,
                             comparison_table(runs, best.info.run_id))
+
+
+def move_alias(client: MlflowClient, name: str, alias: str, version: str) -> str:
+    """Point ``name@alias`` at ``version`` by hand; returns a sentence saying what changed."""
+    from pipeline.runtime.onnx_model import ModelError
+
+    try:
+        target = client.get_model_version(name, str(version))
+    except MlflowException as error:
+        raise ModelError(f"{name} has no version {version} in {client.tracking_uri}.") from error
+    before = current_champion(client, name, alias)
+    client.set_registered_model_alias(name, alias, target.version)
+    accuracy = target.tags.get("val_acc", "?")
+    if before is None:
+        return f"{name}@{alias} now points at version {target.version} (val acc {accuracy}); it pointed nowhere before."
+    if before.version == target.version:
+        return f"{name}@{alias} already pointed at version {target.version}: nothing changed."
+    return (f"{name}@{alias} moved from version {before.version} (val acc {before.tags.get('val_acc', '?')}) "
+            f"to version {target.version} (val acc {accuracy}).")

@@ -14,6 +14,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 
+# MLflow 3's UI opens an experiment in "Model training" mode, not GenAI mode, with this tag.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be used; the message names the URI."""
 
@@ -81,13 +85,16 @@ def setup_tracking(experiment: str, nodes: int = 1, wait_s: float = 120.0) -> tu
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return uri, found.experiment_id
     artifact_location = None
     if uri == default_tracking_uri():
         # Artifacts beside the database, not in MLflow's ./mlruns of whatever folder runs it.
         artifact_location = (project_dir() / "mlartifacts").resolve().as_uri()
     try:
-        return uri, client.create_experiment(experiment, artifact_location=artifact_location)
+        return uri, client.create_experiment(experiment, artifact_location=artifact_location,
+                                             tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except MlflowException:
         # Another node's rank 0 (each node has one) created it first on the shared server.
         found = client.get_experiment_by_name(experiment)

@@ -15,7 +15,7 @@ import lightning as L
 import mlflow
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric
@@ -23,12 +23,14 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from pipeline.config import flatten
-from pipeline.data import ImageFolderDataModule
+from pipeline.data import ImageFolderDataModule, resolve_data_dir
+from pipeline.datasets import log_split_inputs
 from pipeline.evaluation import score
 from pipeline.export import log_classifier, torch_probabilities
 from pipeline.models import count_parameters
 from pipeline.module import ImageClassifier
 from pipeline.explain import save_pictures
+from pipeline.progress import EpochLines, progress_callback
 from pipeline.plots import plot_confusion_matrix, plot_learning_curves, plot_mistakes
 from pipeline.tracking import git_commit, project_dir
 
@@ -156,7 +158,9 @@ def train_family(
         every = 1  # the last epoch (the lookahead average) must always be a checkpoint candidate
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch:03d}", monitor="val/acc",
                                  mode="max", save_last=True, auto_insert_metric_name=False, every_n_epochs=every)
-    trainer = L.Trainer(logger=logger, callbacks=[checkpoint, RichProgressBar()], enable_model_summary=False,
+    progress = progress_callback(family)
+    trainer = L.Trainer(logger=logger, callbacks=[checkpoint, progress], enable_model_summary=False,
+                        enable_progress_bar=not isinstance(progress, EpochLines),
                         **trainer_args)
 
     summary = dm.summary()
@@ -175,17 +179,31 @@ def train_family(
                                "data_fingerprint": summary["fingerprint"], "config_digest": digest,
                                "checkpoint_dir": str(checkpoint_dir)}.items():
                 logger.experiment.set_tag(logger.run_id, key, value)
+            log_split_inputs(logger.experiment, logger.run_id, resolve_data_dir(data_dir)[0], dm.fingerprint,
+                             dm.split_counts())
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "config.yaml"
                 path.write_text(yaml.safe_dump({**config, "data_dir": str(data_dir)}, sort_keys=False))
                 logger.experiment.log_artifact(logger.run_id, str(path))
 
+    monitor = None
+    if trainer.is_global_zero:
+        # CPU, memory, disk and network (and GPU utilisation and memory where nvidia-ml-py is there),
+        # as system/* metrics of the run, every tracking.system_metrics_interval_s seconds.
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        interval = float(config["tracking"].get("system_metrics_interval_s", 10.0))
+        monitor = SystemMetricsMonitor(logger.run_id, sampling_interval=interval, tracking_uri=tracking_uri,
+                                       resume_logging=run_id is not None)
+        monitor.start()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     first_epoch = 0 if not ckpt_path else torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"] + 1
     fit_started = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     fit_seconds = time.perf_counter() - fit_started
+    if monitor is not None:
+        monitor.finish()
     if trainer.is_global_zero:
         # What bench/train_budget.py and bench/gpu_check.sh report per family.
         epochs_run = max(1, trainer.current_epoch - first_epoch)
