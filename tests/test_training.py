@@ -82,7 +82,8 @@ def test_training_logs_runs_models_and_champion(trained, toy_folder, isolated_pr
     images = data.images[:40]
     pyfunc = mlflow.pyfunc.load_model("models:/cifar4-classifier@champion")
     probabilities = pyfunc.predict(images.numpy().astype(np.float32) / 255.0)["probabilities"]
-    checkpoint = sorted((isolated_project / "checkpoints" / "cifar4" / best.info.run_id).glob("best-*.ckpt"))[-1]
+    # The run logs its final weights (checkpoint.select: last).
+    checkpoint = isolated_project / "checkpoints" / "cifar4" / best.info.run_id / "last.ckpt"
     net = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).model.eval()
     with torch.inference_mode():
         expected = torch.softmax(net(images.float() / 255.0), dim=1).numpy()

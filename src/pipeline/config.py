@@ -115,7 +115,7 @@ def schema() -> dict[str, dict[str, Any]]:
         "trainer": {name: None for name in _parameters(L.Trainer.__init__)},
         "model": {"arch": "", "args": None, "tta": 0},
         "tracking": {"experiment": "", "registered_model": "", "alias": "", "system_metrics_interval_s": 10.0},
-        "checkpoint": {"every_n_epochs": 1},
+        "checkpoint": {"every_n_epochs": 1, "select": "last"},
         "": {"seed": 0, "family": "", "profile": "", "data": None, "optim": None, "trainer": None, "model": None,
              "tracking": None, "checkpoint": None},
     }
@@ -143,6 +143,9 @@ def _fits(value: Any, default: Any) -> bool:
 
 def validate(config: dict) -> None:
     """Refuse unknown keys (naming the closest known ones) and values of the wrong type."""
+    select = (config.get("checkpoint") or {}).get("select", "last")
+    if select not in ("last", "best"):
+        raise ConfigError(f"Config key checkpoint.select must be last or best, got {select!r}.")
     known = schema()
     for section, keys in known.items():
         node = config if section == "" else config.get(section)

@@ -31,6 +31,7 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024    # CLASSIFIER_MAX_BODY_BYTES
     max_pixels: int = 40_000_000              # CLASSIFIER_MAX_PIXELS: decoded size limit (decompression bombs)
     max_batch_files: int = 128                # CLASSIFIER_MAX_BATCH_FILES: files in one /classify_batch
+    model_batch: int = 16                     # CLASSIFIER_MODEL_BATCH: images in one model call, at most
     read_timeout_s: float = 30.0              # CLASSIFIER_READ_TIMEOUT_S: a body must arrive within this
     drain_bytes: int = 64 * 1024 * 1024       # CLASSIFIER_DRAIN_BYTES: body read and dropped after a 413
     drain_timeout_s: float = 5.0              # CLASSIFIER_DRAIN_TIMEOUT_S: ... for at most this long
@@ -48,7 +49,7 @@ class Settings:
             if raw:
                 values[field.name] = _parse(name, raw, field.type)
         settings = cls(**values)
-        for name in ("max_body_bytes", "max_pixels", "max_batch_files", "read_timeout_s"):
+        for name in ("max_body_bytes", "max_pixels", "max_batch_files", "read_timeout_s", "model_batch"):
             if getattr(settings, name) <= 0:
                 raise SettingsError(f"CLASSIFIER_{name.upper()}={getattr(settings, name)} must be above 0.")
         return settings
