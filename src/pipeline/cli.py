@@ -244,7 +244,7 @@ def quiet_known_noise() -> None:
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DropAdverts())
     for pattern in (".*LeafSpec.*", ".*smaller than the logging interval.*", ".*does not have many workers.*",
-                    ".*CUDAExecutionProvider.*"):
+                    ".*CUDAExecutionProvider.*", ".*can be interpreted in multiple ways.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

@@ -157,9 +157,13 @@ def train_family(
     if int(trainer_args.get("max_epochs") or 1) % every:
         every = 1  # the last epoch (the lookahead average) must always be a checkpoint candidate
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch:03d}", monitor="val/acc",
-                                 mode="max", save_last=True, auto_insert_metric_name=False, every_n_epochs=every)
+                                 mode="max", auto_insert_metric_name=False, every_n_epochs=every)
+    # last.ckpt on its own callback: Lightning 2.6's save_last=True rewrites it only when the best one
+    # improves, so a run whose val/acc had plateaued would resume from that epoch, not the last one.
+    last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                           every_n_epochs=every, enable_version_counter=False)
     progress = progress_callback(family)
-    trainer = L.Trainer(logger=logger, callbacks=[checkpoint, progress], enable_model_summary=False,
+    trainer = L.Trainer(logger=logger, callbacks=[checkpoint, last, progress], enable_model_summary=False,
                         enable_progress_bar=not isinstance(progress, EpochLines),
                         **trainer_args)
 
@@ -204,6 +208,10 @@ def train_family(
     fit_seconds = time.perf_counter() - fit_started
     if monitor is not None:
         monitor.finish()
+        # One closing sample: a run shorter than the interval would otherwise log none.
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
     if trainer.is_global_zero:
         # What bench/train_budget.py and bench/gpu_check.sh report per family.
         epochs_run = max(1, trainer.current_epoch - first_epoch)
@@ -230,7 +238,9 @@ def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpo
     # Picking the best of many noisy epochs by validation accuracy flatters that accuracy (measured:
     # LeNet's val acc 2 points over its test acc that way); "best" is there for schedules that need it.
     select = (config.get("checkpoint") or {}).get("select", "last")
-    chosen = checkpoint.last_model_path if select == "last" and checkpoint.last_model_path else checkpoint.best_model_path
+    chosen = checkpoint.best_model_path
+    if select == "last" and (checkpoint.dirpath and (Path(checkpoint.dirpath) / "last.ckpt").is_file()):
+        chosen = str(Path(checkpoint.dirpath) / "last.ckpt")
     best = ImageClassifier.load_from_checkpoint(chosen, map_location="cpu", weights_only=True)
     classifier = best.model.eval().float()
     val_probs = torch_probabilities(classifier, dm.val_images.cpu())
