@@ -5,7 +5,7 @@
 
 For each model: ONNX Runtime (1 thread, as each service worker uses) latency at batch 1
 (median of 200 calls) and images/s at batch 64, for TTA levels 0, 1 and 2, plus the
-accuracy each level gives on the run's own test split when `--data` is given.
+accuracy each level gives on the run's validation and test splits when `--data` is given.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
         runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
         models = [r.data.tags["model_uri"] for r in runs if r.data.tags.get("model_uri")]
     table = Table(title="TTA cost: ONNX Runtime, 1 thread")
-    for column in ("model", "TTA", "ms / image at batch 1", "images/s at batch 64", "test acc"):
+    for column in ("model", "TTA", "ms / image at batch 1", "images/s at batch 64", "val acc", "test acc"):
         table.add_column(column, justify="left" if column == "model" else "right")
     images = np.random.default_rng(0).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
     for model_uri in models:
@@ -80,24 +80,26 @@ def main() -> None:
 
         metadata = json.loads(meta_path.read_text())
         weights = next(local.rglob("weights.pt"))
-        test = None
+        test = val = None
         if args.data:
             from pipeline.data import ImageFolderDataModule
 
             dm = ImageFolderDataModule(args.data)
             dm.prepare()
             test = dm.test_images.numpy(), dm.test_labels.numpy()
+            val = dm.val_images.numpy(), dm.val_labels.numpy()
         for level in (0, 1, 2):
             classifier = rebuild_classifier(weights, {**metadata, "tta": level})
             with tempfile.TemporaryDirectory() as tmp:
                 path = export_onnx(classifier, int(metadata["image_size"]), Path(tmp) / "model.onnx")
                 model = OnnxClassifier(path, metadata, threads=1, spinning=False)
                 ms, rate = time_model(model, images)
-                accuracy = ""
+                accuracy = val_accuracy = ""
                 if test is not None:
                     accuracy = f"{(model.predict_proba(test[0]).argmax(1) == test[1]).mean():.4f}"
+                    val_accuracy = f"{(model.predict_proba(val[0]).argmax(1) == val[1]).mean():.4f}"
             table.add_row(f"{metadata.get('family')} ({metadata['arch']})", str(level), f"{ms:.2f}", f"{rate:,.0f}",
-                          accuracy)
+                          val_accuracy, accuracy)
     Console(width=120).print(table)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}, "
           f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}")
