@@ -50,3 +50,9 @@ def test_a_typo_on_the_command_line_is_one_sentence(capsys):
     assert main(["train", "--data", ".", "--models", "lenet", "--set", "optim.lrr=0.05"]) == 2
     err = capsys.readouterr().err
     assert "Unknown config key optim.lrr: did you mean optim.lr" in err and "Traceback" not in err
+
+
+def test_command_line_numbers_and_whole_sections():
+    config = resolve_config("vgg", "cpu", ["optim.weight_decay=5e-4", "model.args={cfg: small}"])
+    assert config["optim"]["weight_decay"] == 0.0005  # YAML alone would read 5e-4 as text
+    assert config["model"]["args"] == {"cfg": "small"}  # a whole section replaces the family's
