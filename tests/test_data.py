@@ -76,6 +76,21 @@ def test_corrupt_image_names_the_file(tmp_path):
         load_image_folder(tmp_path / "d", cache_dir=tmp_path / "c")
 
 
+def test_skip_leaves_broken_files_out_but_a_damaged_folder_still_stops(tmp_path, capsys):
+    make_image_folder(tmp_path / "d", per_class=60, classes=("cat", "dog"))
+    (tmp_path / "d" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    images = load_image_folder(tmp_path / "d", cache_dir=tmp_path / "c", on_bad_image="skip")
+    assert len(images.labels) == 120 and images.skipped == ["dog/broken.jpg"]
+    assert "skipped 1 of 121 images" in capsys.readouterr().out
+    # The cache remembers what it left out: a later run with the default still refuses the folder.
+    with pytest.raises(DataError, match=r"broken\.jpg' could not be decoded .*on_bad_image=skip"):
+        load_image_folder(tmp_path / "d", cache_dir=tmp_path / "c")
+    for i in range(2):  # 3 of 123 files is more than 1%
+        (tmp_path / "d" / "cat" / f"bad{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DataError, match=r"3 of 123 images in .* do not decode, more than 1%"):
+        load_image_folder(tmp_path / "d", cache_dir=tmp_path / "c", on_bad_image="skip")
+
+
 def test_class_too_small_to_validate_is_named(tmp_path):
     make_image_folder(tmp_path / "d", per_class=20, classes=("cat", "dog"))
     make_image_folder(tmp_path / "d", per_class=1, classes=("bird",))

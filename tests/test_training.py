@@ -161,3 +161,20 @@ def test_the_alias_can_be_moved_back_by_hand(trained, capsys):
     assert ("nothing changed" in out) if str(before) == "1" else (f"moved from version {before}" in out)
     assert main(["champion", "--version", "99"]) == 2
     assert "has no version 99" in capsys.readouterr().err
+
+
+def test_skip_trains_past_a_broken_file_and_logs_the_count(toy_folder, isolated_project, capsys):
+    import shutil
+
+    folder = isolated_project / "scraped"
+    shutil.copytree(toy_folder, folder)
+    (folder / "cat" / "truncated.jpg").write_bytes((folder / "cat" / "000.jpg").read_bytes()[:200])
+    args = ["train", "--data", str(folder), "--models", "lenet", "--epochs", "1", "--set", "data.batch_size=32"]
+    assert main(args) == 2
+    assert "truncated.jpg' could not be decoded" in capsys.readouterr().err
+    assert main([*args, "--set", "data.on_bad_image=skip"]) == 0
+    assert "skipped 1 of 241 images" in capsys.readouterr().out
+    client = MlflowClient(f"sqlite:///{isolated_project / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("cifar4").experiment_id])[0]
+    assert run.data.metrics["data_skipped_images"] == 1 and run.data.params["data.skipped_images"] == "1"
+    assert sum(int(run.data.params[f"data.{split}_size"]) for split in ("train", "val", "test")) == 240

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -23,6 +23,8 @@ from pipeline.errors import DataError
 from pipeline.runtime.imaging import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 
 CACHE_VERSION = 1
+BAD_IMAGE_MODES = ("error", "skip")
+MAX_BAD_FRACTION = 0.01  # with on_bad_image=skip, more unreadable files than this still stop training
 
 
 @dataclass
@@ -32,6 +34,7 @@ class ImageSet:
     classes: list[str]
     fingerprint: str
     root: str
+    skipped: list[str] = field(default_factory=list)  # files that did not decode (on_bad_image=skip)
 
 
 def resolve_data_dir(root: str | Path) -> tuple[Path, Optional[Path]]:
@@ -83,8 +86,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "pipeline"))
 
 
-def load_image_folder(root: str | Path, size: int = 32, cache_dir: str | Path | None = None) -> ImageSet:
-    """Decode every image of an ImageFolder-shaped directory, using the cache when it matches."""
+def load_image_folder(root: str | Path, size: int = 32, cache_dir: str | Path | None = None,
+                      on_bad_image: str = "error") -> ImageSet:
+    """Decode every image of an ImageFolder-shaped directory, using the cache when it matches.
+
+    ``on_bad_image="error"`` stops at the first file that does not decode, naming it; ``"skip"``
+    leaves such files out (``ImageSet.skipped`` names them) unless more than 1% of the files fail.
+    """
+    if on_bad_image not in BAD_IMAGE_MODES:
+        raise DataError(f"data.on_bad_image must be error or skip, got {on_bad_image!r}.")
     root = Path(root)
     classes, files = scan_image_folder(root)
     fingerprint = fingerprint_files(files, root, size)
@@ -93,24 +103,55 @@ def load_image_folder(root: str | Path, size: int = 32, cache_dir: str | Path | 
     if cached.exists():
         with np.load(cached) as stored:
             images, labels = stored["images"], stored["labels"]
-        return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes, fingerprint, str(root))
+            skipped = [str(name) for name in stored["skipped"]] if "skipped" in stored else []
+        errors = {}  # the reasons are not cached; the names are
+    else:
+        images = np.empty((len(files), 3, size, size), dtype=np.uint8)
+        keep = np.ones(len(files), dtype=bool)
+        errors: dict[str, str] = {}
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"Decoding {len(files):,} images", total=len(files))
+            for i, (path, _) in enumerate(files):
+                try:
+                    images[i] = decode_image(path, size)
+                except ImageDecodeError as error:
+                    if on_bad_image == "error":
+                        raise DataError(
+                            f"Image {str(path)!r} could not be decoded: {error} "
+                            "(--set data.on_bad_image=skip leaves unreadable files out)."
+                        ) from error
+                    keep[i] = False
+                    errors[str(path.relative_to(root))] = str(error)
+                if i % 256 == 0:
+                    progress.update(task, completed=i)
+        labels = np.array([label for _, label in files], dtype=np.int64)[keep]
+        images = images[keep] if errors else images
+        skipped = list(errors)
+        _check_bad_fraction(root, skipped, len(files), errors)
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cache / f"images-{fingerprint}.{os.getpid()}.tmp.npz"
+        np.savez(partial, images=images, labels=labels, skipped=np.array(skipped, dtype=str))
+        partial.replace(cached)  # atomic: a killed run never leaves a half-written cache
+    if skipped:
+        if on_bad_image == "error":
+            raise DataError(
+                f"Image {str(root / skipped[0])!r} could not be decoded ({len(skipped)} file(s) in "
+                f"{str(root)!r} do not decode; --set data.on_bad_image=skip leaves them out)."
+            )
+        _check_bad_fraction(root, skipped, len(files), errors)
+        shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        print(f"note: skipped {len(skipped)} of {len(files):,} images in {root} that do not decode: {shown}"
+              + (f" (first error: {next(iter(errors.values()))})" if errors else ""))
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes, fingerprint, str(root), skipped)
 
-    images = np.empty((len(files), 3, size, size), dtype=np.uint8)
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"Decoding {len(files):,} images", total=len(files))
-        for i, (path, _) in enumerate(files):
-            try:
-                images[i] = decode_image(path, size)
-            except ImageDecodeError as error:
-                raise DataError(f"Image {str(path)!r} could not be decoded: {error}") from error
-            if i % 256 == 0:
-                progress.update(task, completed=i)
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = cache / f"images-{fingerprint}.{os.getpid()}.tmp.npz"
-    np.savez(partial, images=images, labels=labels)
-    partial.replace(cached)  # atomic: a killed run never leaves a half-written cache
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes, fingerprint, str(root))
+
+def _check_bad_fraction(root: Path, skipped: list[str], total: int, errors: dict[str, str]) -> None:
+    if len(skipped) > MAX_BAD_FRACTION * total:
+        first = skipped[0] + (f" ({errors[skipped[0]]})" if skipped[0] in errors else "")
+        raise DataError(
+            f"{len(skipped)} of {total:,} images in {str(root)!r} do not decode, more than "
+            f"{MAX_BAD_FRACTION:.0%}: the folder looks damaged, so training stops (first: {first})."
+        )
 
 
 def split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,6 +293,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         pad_mode: str = "constant",
         flip: bool | str = True,
         cutout: int = 0,
+        on_bad_image: str = "error",
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -259,13 +301,16 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"data.flip must be true, false or 'alternate', got {flip!r}")
         if pad_mode not in ("constant", "reflect"):
             raise ValueError(f"data.pad_mode must be 'constant' or 'reflect', got {pad_mode!r}")
+        if on_bad_image not in BAD_IMAGE_MODES:
+            raise ValueError(f"data.on_bad_image must be error or skip, got {on_bad_image!r}")
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"data.test_fraction must be in [0, 1), got {test_fraction}")
         self.data_dir = data_dir
         self.image_size, self.val_fraction, self.test_fraction, self.seed = image_size, val_fraction, test_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.crop_padding, self.pad_mode, self.flip, self.cutout = crop_padding, pad_mode, flip, cutout
-        self.cache_dir = cache_dir
+        self.cache_dir, self.on_bad_image = cache_dir, on_bad_image
+        self.skipped: list[str] = []
         self.augment_generator: Optional[torch.Generator] = None
         self._prepared = False
 
@@ -274,7 +319,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self._prepared:
             return
         train_dir, test_dir = resolve_data_dir(self.data_dir)
-        full = load_image_folder(train_dir, self.image_size, self.cache_dir)
+        full = load_image_folder(train_dir, self.image_size, self.cache_dir, self.on_bad_image)
+        self.skipped = list(full.skipped)
         hold_test = test_dir is None and self.test_fraction > 0
         needed = 3 if hold_test else 2
         counts = torch.bincount(full.labels, minlength=len(full.classes))
@@ -298,7 +344,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.val_images, self.val_labels = full.images[val_idx], full.labels[val_idx]
         self.mean, self.std = channel_stats(self.train_images)
         if test_dir is not None:
-            test = load_image_folder(test_dir, self.image_size, self.cache_dir)
+            test = load_image_folder(test_dir, self.image_size, self.cache_dir, self.on_bad_image)
+            self.skipped += [f"test/{name}" for name in test.skipped]
             if test.classes != self.classes:
                 raise DataError(
                     f"Test folder {str(test_dir)!r} has classes {test.classes}, "
@@ -324,6 +371,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                                                                     else f"{self.test_fraction:.0%} held out"),
             "mean": self.mean,
             "std": self.std,
+            "skipped_images": len(self.skipped),
         }
 
     def split_counts(self) -> dict[str, dict[str, int]]:

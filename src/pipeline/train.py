@@ -178,7 +178,11 @@ def train_family(
             logger.log_hyperparams({"n_parameters": n_params, "data.train_size": summary["train_size"],
                                     "data.val_size": summary["val_size"], "data.test_size": summary["test_size"],
                                     "data.test_source": summary["test_source"],
-                                    "data.fingerprint": summary["fingerprint"]})
+                                    "data.fingerprint": summary["fingerprint"],
+                                    "data.skipped_images": summary["skipped_images"]})
+            if dm.skipped:  # on_bad_image=skip: how many files were left out, and which
+                logger.experiment.log_metric(logger.run_id, "data_skipped_images", len(dm.skipped))
+                logger.experiment.log_text(logger.run_id, "\n".join(dm.skipped) + "\n", "data/skipped_images.txt")
             for key, value in {"family": family, "git_commit": git_commit(), "data_dir": str(data_dir),
                                "data_fingerprint": summary["fingerprint"], "config_digest": digest,
                                "checkpoint_dir": str(checkpoint_dir)}.items():
