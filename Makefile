@@ -14,12 +14,13 @@ ARGS ?=
 MODEL ?= models:/cifar4-classifier@champion
 MLFLOW_PORT ?= 5000
 PORT ?= 3000
+OUT ?= predictions.csv
 # BentoML's model and bento store lives in the project (git-ignored), not in ~/bentoml.
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train evaluate download package serve mlflow-ui test test-fast bench clean wheels docker-build docker-up docker-down
+.PHONY: help install train evaluate predict download package serve mlflow-ui test test-fast bench clean wheels docker-build docker-up docker-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +45,9 @@ package: install ## champion from MLflow -> BentoML model -> bento (MODEL=models
 
 serve: install ## serve the packaged bento on 127.0.0.1:$(PORT) (PORT=...)
 	$(BIN)/bentoml serve cifar4_classifier:latest --host 127.0.0.1 --port $(PORT) --timeout-keep-alive 75
+
+predict: install ## classify every image under DATA with MODEL, offline, into OUT (CSV; default predictions.csv)
+	$(BIN)/pipeline predict "$(DATA)" --model "$(MODEL)" --out "$(OUT)" $(ARGS)
 
 download: install ## download CIFAR-10 and write data/cifar4/{train,test}/{bird,boat,cat,dog}
 	$(BIN)/pipeline download

@@ -167,3 +167,36 @@ def test_no_packaged_model_is_a_clear_startup_error(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0 and "run `make package` first" in result.stderr
+
+
+def test_predict_writes_the_probabilities_classify_serves(served, toy_folder, tmp_path):
+    """`pipeline predict` (offline, no torch) and `/classify` agree to 1e-6; a broken file gets an error row."""
+    import csv
+    import shutil
+
+    url, _, project = served
+    folder = tmp_path / "unlabeled"
+    (folder / "nested").mkdir(parents=True)
+    files = toy_files(toy_folder)
+    for i, path in enumerate(files):
+        shutil.copy(path, (folder / "nested" if i % 2 else folder) / f"{i}_{path.name}")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    env = {**os.environ, "PIPELINE_HOME": str(project)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    blocker = "import sys, runpy; sys.modules['torch'] = None; sys.argv[0] = 'pipeline'; "
+    result = subprocess.run(
+        [sys.executable, "-c", blocker + "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))",
+         "predict", str(folder), "--out", str(tmp_path / "out.csv")],
+        cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "8 of 9 images classified" in result.stdout and "1 could not be read" in result.stdout
+    with open(tmp_path / "out.csv", newline="") as handle:
+        rows = {row["path"]: row for row in csv.DictReader(handle)}
+    assert len(rows) == 9 and rows["broken.jpg"]["label"] == "" and "broken.jpg" in rows["broken.jpg"]["error"]
+    for name, row in rows.items():
+        if name == "broken.jpg":
+            continue
+        served_answer = httpx.post(f"{url}/classify", files={"image": ("x", (folder / name).read_bytes())}).json()
+        assert row["label"] == served_answer["label"] and row["error"] == ""
+        for label, probability in served_answer["probabilities"].items():
+            assert abs(float(row[label]) - probability) <= 1e-6, (name, label)

@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: train, evaluate, download, champion, package, classify."""
+"""The ``pipeline`` command: train, evaluate, predict, download, champion, package, classify."""
 
 from __future__ import annotations
 
@@ -112,6 +112,31 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from pipeline.predict import predict_folder
+    from pipeline.runtime.onnx_model import OnnxClassifier
+    from pipeline.tracking import check_tracking, tracking_uri
+
+    uri = tracking_uri()
+    check_tracking(uri)
+    mlflow.set_tracking_uri(uri)
+    if args.model.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        from pipeline.packaging import resolve_version
+
+        resolve_version(MlflowClient(uri), args.model)  # a missing name or alias is one sentence, not a traceback
+    model = OnnxClassifier.from_mlflow(args.model, threads=args.threads)
+    result = predict_folder(model, args.folder, args.out, threads=args.threads)
+    console.print(f"{args.model}: {result.files - result.failed:,} of {result.files:,} images classified in "
+                  f"{result.seconds:.1f} s ({result.images_per_second:,.0f} img/s) -> {result.out}"
+                  + (f"; [yellow]{result.failed} could not be read[/] (see the error column)" if result.failed
+                     else ""))
+    return 0
+
+
 def _download(args: argparse.Namespace) -> int:
     from pipeline.download import download_cifar4
 
@@ -207,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--log", action="store_true", help="log the scores and confusion matrix to MLflow")
     evaluate.add_argument("--experiment", default="cifar4-evaluations")
     evaluate.set_defaults(func=_evaluate)
+
+    predict = sub.add_parser("predict", help="classify every image under a folder offline, write a CSV")
+    predict.add_argument("folder", help="folder of images, searched recursively (no labels needed)")
+    predict.add_argument("--model", default="models:/cifar4-classifier@champion", help="MLflow model URI")
+    predict.add_argument("--out", default="predictions.csv", help="CSV: path, label, one column per class, error")
+    predict.add_argument("--threads", type=int, default=2, help="decode and ONNX Runtime threads")
+    predict.set_defaults(func=_predict)
 
     download = sub.add_parser("download", help="download CIFAR-10 and write bird/boat/cat/dog folders")
     download.add_argument("--out", default=str(DEFAULT_DATA))
