@@ -15,12 +15,14 @@ MODEL ?= models:/cifar4-classifier@champion
 MLFLOW_PORT ?= 5000
 PORT ?= 3000
 OUT ?= predictions.csv
+FAMILY ?= vgg
+TRIALS ?= 20
 # BentoML's model and bento store lives in the project (git-ignored), not in ~/bentoml.
 export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train evaluate predict download package serve mlflow-ui test test-fast bench clean wheels docker-build docker-up docker-down
+.PHONY: help install train sweep evaluate predict download package serve mlflow-ui test test-fast bench clean wheels image docker-build docker-up docker-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +38,10 @@ install: $(BIN)/.installed ## create .venv and install the package with its dev 
 train: install ## train the families (DATA=dir MODELS=lenet,vgg,resnet EPOCHS=n RESUME=1), register the champion
 	$(BIN)/pipeline train --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(MODELS),--models $(MODELS)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RESUME),--resume) $(ARGS)
+
+sweep: install ## Optuna sweep: FAMILY=vgg TRIALS=20 [EPOCHS=n] (DATA=dir); trials are nested MLflow runs; kills resume
+	$(BIN)/pipeline sweep --family $(FAMILY) --trials $(TRIALS) --profile $(PROFILE) $(if $(DATA),--data $(DATA)) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
 evaluate: install ## score MODEL (default: the champion) on DATA
 	$(BIN)/pipeline evaluate --data $(DATA) --model "$(MODEL)" $(ARGS)
@@ -68,6 +74,9 @@ bench: install ## Lightning vs plain PyTorch training throughput (DATA=dir)
 wheels: install ## download the container images' wheels into docker/wheels (builds then need no network)
 	$(BIN)/pip download --quiet --only-binary=:all: -d docker/wheels/serve -r docker/requirements-serve.txt
 	$(BIN)/pip download --quiet --only-binary=:all: -d docker/wheels/mlflow -r docker/requirements-mlflow.txt
+
+image: install ## the packaged bento and its model in one image: cifar4-classifier:vN and :latest (no mounts needed)
+	bash docker/make-image.sh
 
 docker-build: ## build the classifier and MLflow images (BASE_IMAGE=... to change the base)
 	docker compose build

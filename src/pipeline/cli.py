@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: train, evaluate, predict, download, champion, package, classify."""
+"""The ``pipeline`` command: train, sweep, evaluate, predict, download, champion, package, classify."""
 
 from __future__ import annotations
 
@@ -68,6 +68,38 @@ def _train(args: argparse.Namespace) -> int:
     else:
         console.print(f"{name}@{alias} stays at version {decision.version} "
                       f"(val acc {decision.previous_val_acc}); best run now {decision.best_val_acc}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import resolve_config
+    from pipeline.data import resolve_data_dir
+    from pipeline.registry import promote_champion
+    from pipeline.sweep import run_sweep
+    from pipeline.tracking import setup_tracking
+
+    data_dir = args.data or str(DEFAULT_DATA)
+    resolve_data_dir(data_dir)
+    profile = args.profile if args.profile != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    base = resolve_config(args.family, profile, list(args.set or []))
+    experiment = args.experiment or base["tracking"]["experiment"]
+    uri, experiment_id = setup_tracking(experiment)
+    result = run_sweep(args.family, args.trials, profile, data_dir, experiment, experiment_id, uri,
+                       list(args.set or []), epochs=args.epochs, study_name=args.study, console=console)
+    console.print(f"Sweep [bold]{result.study}[/]: {result.completed} trial(s) complete, {result.pruned} pruned; "
+                  + (f"best trial {result.best_trial}, val acc {result.best_value:.4f}, run {result.best_run_id}, "
+                     f"params {result.best_params}" if result.best_trial is not None else "no complete trial")
+                  + f". Parent run {result.parent_run_id}.")
+    # The same rule as `make train`: the best finished run of the experiment becomes the champion.
+    name, alias = base["tracking"]["registered_model"], base["tracking"]["alias"]
+    decision = promote_champion(MlflowClient(uri), experiment_id, name, alias)
+    if decision.promoted:
+        console.print(f"[bold green]{name}@{alias}[/] -> version {decision.version} (val acc {decision.best_val_acc:.4f})")
+    else:
+        console.print(f"{name}@{alias} stays at version {decision.version} (val acc {decision.previous_val_acc})")
     return 0
 
 
@@ -225,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in configs)")
     train.add_argument("--registered-model", help="registry name (default: tracking.registered_model)")
     train.set_defaults(func=_train)
+
+    sweep = sub.add_parser("sweep", help="Optuna search over a family's hyperparameters, trials as nested MLflow runs")
+    sweep.add_argument("--family", required=True, help="configs/model/<family>.yaml, with configs/sweep/<family>.yaml")
+    sweep.add_argument("--trials", type=int, default=20, help="trials the study should have in all (kills resume)")
+    sweep.add_argument("--epochs", type=int, help="fix trainer.max_epochs (otherwise it is searched)")
+    sweep.add_argument("--data", help=f"image folder (default: {DEFAULT_DATA})")
+    sweep.add_argument("--profile", default="auto", choices=["auto", "cpu", "gpu"])
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed overrides for every trial")
+    sweep.add_argument("--study", help="Optuna study name (default: EXPERIMENT-FAMILY-PROFILE[-Nep])")
+    sweep.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in configs)")
+    sweep.set_defaults(func=_sweep)
 
     evaluate = sub.add_parser("evaluate", help="score a registered model on an image folder")
     evaluate.add_argument("--data", required=True, help="image folder (its test/ split when it has one)")

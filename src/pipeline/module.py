@@ -177,7 +177,8 @@ class ImageClassifier(L.LightningModule):
         steps = int(self.trainer.estimated_stepping_batches)
         if hp.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=hp.lr, total_steps=steps, pct_start=hp.warmup_fraction,
+                # At least 4 steps: with 1 (a 1-epoch toy run) OneCycleLR extrapolates to a negative rate.
+                optimizer, max_lr=hp.lr, total_steps=max(steps, 4), pct_start=hp.warmup_fraction,
                 anneal_strategy="linear", div_factor=10.0, final_div_factor=100.0,
                 cycle_momentum=False,
             )

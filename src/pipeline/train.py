@@ -45,6 +45,7 @@ class RunResult:
     val_acc: float
     model_uri: str
     test_acc: Optional[float] = None
+    pruned: bool = False  # a sweep's pruner stopped it early: no model, not a champion candidate
 
 
 def cpu_has_native_bf16() -> bool:
@@ -127,9 +128,15 @@ def metric_history(client: MlflowClient, run_id: str) -> dict[str, list[float]]:
 
 
 def train_family(
-    config: dict, data_dir: str, experiment: str, tracking_uri: str, resume: bool = False
+    config: dict, data_dir: str, experiment: str, tracking_uri: str, resume: bool = False,
+    parent_run_id: Optional[str] = None, run_name: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+    callbacks: tuple = (),
 ) -> Optional[RunResult]:
-    """Train, evaluate and log one family; returns None on non-zero DDP ranks."""
+    """Train, evaluate and log one family; returns None on non-zero DDP ranks.
+
+    A sweep passes its parent run (the run becomes a nested one), a name, tags, and a callback
+    whose ``pruned`` attribute, once true, stops the run before its model is logged.
+    """
     family = config["family"]
     L.seed_everything(config.get("seed", 42), workers=True, verbose=False)
     dm = make_datamodule(config, data_dir)
@@ -147,7 +154,11 @@ def train_family(
                 console.print(f"[bold]Resuming[/] {family} run {run_id} from {ckpt_path}")
         elif rank_zero_only.rank == 0:
             console.print(f"No unfinished {family} run with this config and data to resume: starting a new one.")
-    logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_name=family,
+    resumed = run_id is not None
+    if parent_run_id and not resumed:
+        run_id = client.create_run(experiment_id, run_name=run_name or family,
+                                   tags={"mlflow.parentRunId": parent_run_id}).info.run_id
+    logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_name=run_name or family,
                           run_id=run_id, log_model=False)
     checkpoint_dir = project_dir() / "checkpoints" / experiment / (logger.run_id or "rank")
     trainer_args = dict(config["trainer"])
@@ -163,7 +174,7 @@ def train_family(
     last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
                            every_n_epochs=every, enable_version_counter=False)
     progress = progress_callback(family)
-    trainer = L.Trainer(logger=logger, callbacks=[checkpoint, last, progress], enable_model_summary=False,
+    trainer = L.Trainer(logger=logger, callbacks=[checkpoint, last, progress, *callbacks], enable_model_summary=False,
                         enable_progress_bar=not isinstance(progress, EpochLines),
                         **trainer_args)
 
@@ -173,7 +184,7 @@ def train_family(
         console.print(f"[bold]{family}[/]: {config['model']['arch']} {config['model'].get('args')}, "
                       f"{n_params:,} parameters, {summary['train_size']:,} train / "
                       f"{summary['val_size']:,} val images, precision {trainer_args['precision']}")
-        if run_id is None:
+        if not resumed:
             logger.log_hyperparams(flatten({k: v for k, v in config.items() if k != "tracking"}))
             logger.log_hyperparams({"n_parameters": n_params, "data.train_size": summary["train_size"],
                                     "data.val_size": summary["val_size"], "data.test_size": summary["test_size"],
@@ -185,7 +196,7 @@ def train_family(
                 logger.experiment.log_text(logger.run_id, "\n".join(dm.skipped) + "\n", "data/skipped_images.txt")
             for key, value in {"family": family, "git_commit": git_commit(), "data_dir": str(data_dir),
                                "data_fingerprint": summary["fingerprint"], "config_digest": digest,
-                               "checkpoint_dir": str(checkpoint_dir)}.items():
+                               "checkpoint_dir": str(checkpoint_dir), **(tags or {})}.items():
                 logger.experiment.set_tag(logger.run_id, key, value)
             log_split_inputs(logger.experiment, logger.run_id, resolve_data_dir(data_dir)[0], dm.fingerprint,
                              dm.split_counts())
@@ -202,7 +213,7 @@ def train_family(
 
         interval = float(config["tracking"].get("system_metrics_interval_s", 10.0))
         monitor = SystemMetricsMonitor(logger.run_id, sampling_interval=interval, tracking_uri=tracking_uri,
-                                       resume_logging=run_id is not None)
+                                       resume_logging=resumed)
         monitor.start()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -231,6 +242,10 @@ def train_family(
     # nodes, trainer.test(ckpt_path="best") would look for rank 0's file on the other nodes' disks.
     if not trainer.is_global_zero:
         return None
+    if any(getattr(callback, "pruned", False) for callback in callbacks):
+        logger.experiment.set_tag(logger.run_id, "pruned", "true")
+        history = metric_history(client, logger.run_id)["val/acc"]
+        return RunResult(family, logger.run_id, max(history, default=0.0), "", pruned=True)
     return finish_run(config, dm, checkpoint, logger, client)
 
 
