@@ -15,16 +15,43 @@ export BIND_HOST=127.0.0.1 BASE_IMAGE=localhost/python-base:3.11
 compose=(docker compose -f compose.yaml -f docker/compose.ci.yaml)
 cleanup() {
   "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+  docker rm -f cifar4-image-check >/dev/null 2>&1 || true
   if [ "$own_engine" = 1 ] && [ -f /tmp/dockerd.pid ]; then kill "$(cat /tmp/dockerd.pid)" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
 bash docker/make-base-image.sh "$BASE_IMAGE"
 make wheels
 "${compose[@]}" build --quiet
+
+echo "== make image: the bento and its model in one image; run read-only, no mounts, non-root"
+DOCKER_BUILD_NETWORK=host make image
+docker run -d --name cifar4-image-check --network host --read-only cifar4-classifier:latest \
+  bentoml serve cifar4_classifier:latest --host 127.0.0.1 --port 3000 >/dev/null
+for _ in $(seq 60); do
+  [ "$(docker inspect cifar4-image-check --format '{{.State.Health.Status}}')" = healthy ] && break; sleep 1
+done
+docker inspect cifar4-image-check --format 'image container: health {{.State.Health.Status}}, read-only root {{.HostConfig.ReadonlyRootfs}}, {{len .Mounts}} mounts'
+[ "$(docker inspect cifar4-image-check --format '{{.State.Health.Status}} {{.HostConfig.ReadonlyRootfs}} {{len .Mounts}}')" = "healthy true 0" ]
+[ "$(docker exec cifar4-image-check id -u)" != 0 ] || { echo "image runs as root"; exit 1; }
+.venv/bin/python - <<'PY'
+import glob, httpx, numpy as np
+from pipeline.runtime.imaging import decode_image
+from pipeline.runtime.onnx_model import OnnxClassifier
+
+store = "bentoml_home/models/cifar4-classifier"
+model = OnnxClassifier.from_dir(f"{store}/{open(f'{store}/latest').read().strip()}")
+path = (sorted(glob.glob("../shared/data/cifar4/train/boat/*.jpg")) or sorted(glob.glob(".ci-toy/boat/*")))[0]
+data = open(path, "rb").read()
+body = httpx.post("http://127.0.0.1:3000/classify", files={"image": data}, timeout=30).json()
+got = np.array([body["probabilities"][c] for c in model.classes])
+assert np.abs(got - model.predict_proba(decode_image(data, model.image_size))[0]).max() < 1e-5, body
+print(f"image /classify: {body['label']} {got.max():.3f}, model version {body['model']['version']} (matches the store)")
+PY
+docker rm -f cifar4-image-check >/dev/null
 up=$(date +%s)
 "${compose[@]}" up -d --wait --wait-timeout 120
 echo "stack healthy $(( $(date +%s) - up )) s after up"
-docker image inspect cifar4-classifier:latest --format 'classifier image: {{.Size}} bytes'
+docker image inspect cifar4-classifier:latest --format 'self-contained image: {{.Size}} bytes'
 [ "$(docker exec cifar4-classifier-1 id -u)" != 0 ] || { echo "classifier runs as root"; exit 1; }
 .venv/bin/python - <<'PY'
 import glob, os, httpx, numpy as np
