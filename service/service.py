@@ -32,6 +32,7 @@ from pipeline.runtime.http import (  # noqa: E402
 )
 from pipeline.runtime.imaging import ImageDecodeError, decode_image  # noqa: E402
 from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier  # noqa: E402
+from pipeline.runtime.registry import Follower, Refused, RegistryUnreachable, Served  # noqa: E402
 from pipeline.runtime.settings import Settings  # noqa: E402
 
 SETTINGS = Settings.from_env()
@@ -47,7 +48,8 @@ ROUTES = [
     Route("POST", "/explain", "explain", "What the network sees: /classify's answer plus pictures.",
           "Like /classify; `?target=CLASS` picks the Grad-CAM class (default: the predicted one).",
           "Feature maps per stage, first-layer filters and responses, hand-made kernels, Grad-CAM (PNG, base64)."),
-    Route("GET", "/model", "describe", "The served model's metadata: classes, normalization, origin, batch counters."),
+    Route("GET", "/model", "describe", "The served model's metadata: classes, normalization, origin, batch "
+          "counters, and with CLASSIFIER_FOLLOW the registry status (version, last refusal, server reachable)."),
     Route("GET", "/ui", "ui", "A page to drop an image on and see what the network sees."),
     Route("GET", "/api/openapi.json", "openapi", "This table as an OpenAPI document."),
     Route("GET", "/api/docs", "docs", "This table as a page."),
@@ -73,6 +75,12 @@ def load_packaged_model(folder: Path, expected: dict[str, str]) -> OnnxClassifie
     return OnnxClassifier.from_dir(folder, threads=SETTINGS.thread_count, spinning=SETTINGS.ort_spinning)
 
 
+# With CLASSIFIER_FOLLOW: alias moves taken and refused, on /metrics (summed over the workers).
+FOLLOW_EVENTS = bentoml.metrics.Counter(
+    name="classifier_model_follow_events", documentation="Registry alias moves: swapped in, or refused",
+    labelnames=["event"])
+
+
 # The model routes are hot: OpenTelemetry spans cost ~0.1 ms a request and nothing exports them
 # unless tracing is configured. CLASSIFIER_TRACE_ROUTES=1 keeps them.
 TRACING = {} if SETTINGS.trace_routes else {
@@ -89,6 +97,34 @@ class ImageClassifier:
     model_ref = bentoml.models.BentoModel(SETTINGS.model)
 
     def __init__(self) -> None:
+        self.follower = None
+        self.served = self._follow() if SETTINGS.follow else None
+        if self.served is None:
+            self.served = self._packaged()
+        self.explain_pool = ThreadPoolExecutor(1, "explain")
+        self.limits = Limits.from_settings(SETTINGS)
+        self.decoder = ThreadPoolExecutor(2, "decode")
+        # Batches of up to 16 images: a bigger batch is no cheaper per image on a CPU (the model is compute
+        # bound, TTA views included), and ONNX Runtime's arena grows with it (64: 942 MB RSS under load).
+        # Each call takes self.served once: a model swapped in by the follower never mixes into a batch,
+        # and every answer names the version that computed it.
+        batch = SETTINGS.model_batch
+
+        def predict(images: np.ndarray):
+            served = self.served
+            return served.model.predict_proba(images, batch_size=batch), served
+
+        self.batcher = MicroBatcher(predict, max_batch=batch)
+        app.bind(self)
+        if self.follower is not None:
+            self.follower.start()
+        # Everything loaded so far (BentoML, ONNX Runtime, numpy: ~10^5 objects) lives as long as the
+        # worker. Freezing it keeps the cyclic GC from walking it in the full collections that stall
+        # the event loop under load (tail latency; see README "How it spreads load").
+        gc.collect()
+        gc.freeze()
+
+    def _packaged(self) -> Served:
         try:
             stored = self.model_ref
         except bentoml.exceptions.BentoMLException as error:
@@ -96,32 +132,39 @@ class ImageClassifier:
                 f"No packaged model {SETTINGS.model!r} in the BentoML store "
                 f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): run `make package` first."
             ) from error
-        self.info = dict(stored.info.metadata)
-        self.model = load_packaged_model(Path(stored.path), self.info.get("checksums", {}))
+        info = dict(stored.info.metadata)
+        model = load_packaged_model(Path(stored.path), info.get("checksums", {}))
         # Models packaged before /explain existed have no explain graph: /explain then says so.
-        self.explainer = None
-        if (Path(stored.path) / EXPLAIN_ONNX).is_file() and EXPLAIN_JSON in self.info.get("checksums", {}):
-            self.explainer = Explainer(stored.path, self.model.classes, threads=SETTINGS.thread_count)
-        self.explain_pool = ThreadPoolExecutor(1, "explain")
-        self.limits = Limits.from_settings(SETTINGS)
-        self.decoder = ThreadPoolExecutor(2, "decode")
-        # Batches of up to 16 images: a bigger batch is no cheaper per image on a CPU (the model is compute
-        # bound, TTA views included), and ONNX Runtime's arena grows with it (64: 942 MB RSS under load).
-        batch = SETTINGS.model_batch
-        self.batcher = MicroBatcher(lambda images: self.model.predict_proba(images, batch_size=batch), max_batch=batch)
-        self.model_info = {
-            "name": self.info.get("registered_model"), "version": self.info.get("model_version"),
-            "run_id": self.info.get("run_id"),
-        }
-        app.bind(self)
-        # Everything loaded so far (BentoML, ONNX Runtime, numpy: ~10^5 objects) lives as long as the
-        # worker. Freezing it keeps the cyclic GC from walking it in the full collections that stall
-        # the event loop under load (tail latency; see README "How it spreads load").
-        gc.collect()
-        gc.freeze()
+        explainer = None
+        if (Path(stored.path) / EXPLAIN_ONNX).is_file() and EXPLAIN_JSON in info.get("checksums", {}):
+            explainer = Explainer(stored.path, model.classes, threads=SETTINGS.thread_count)
+        return Served(model, explainer, info)
+
+    def _follow(self) -> Served | None:
+        """CLASSIFIER_FOLLOW: start from the alias's model; the packaged one when MLflow cannot give it."""
+        def swap(served: Served) -> None:
+            self.served = served  # one assignment: the next model call takes it
+
+        self.follower = Follower(SETTINGS.follow, os.environ["MLFLOW_TRACKING_URI"], SETTINGS.follow_interval_s,
+                                 swap, threads=SETTINGS.thread_count, spinning=SETTINGS.ort_spinning,
+                                 on_event=lambda kind: FOLLOW_EVENTS.labels(event=kind).inc())
+        try:
+            return self.follower.initial()
+        except (RegistryUnreachable, Refused) as error:
+            self.follower.reachable = not isinstance(error, RegistryUnreachable)
+            self.follower.last_error = str(error)
+            try:
+                served = self._packaged()
+            except RuntimeError:
+                raise RuntimeError(f"CLASSIFIER_FOLLOW={SETTINGS.follow}: {error} No packaged model to serve "
+                                   "meanwhile: run `make package`, or start when MLflow answers.") from None
+            self.follower.current = served
+            print(f"CLASSIFIER_FOLLOW={SETTINGS.follow}: {error} Serving the packaged model (version "
+                  f"{served.info.get('model_version')}) until the alias can be followed.", file=sys.stderr)
+            return served
 
     def _decode(self, upload) -> np.ndarray:
-        return decode_image(upload.data, self.model.image_size, self.limits.max_pixels, name=upload.name)
+        return decode_image(upload.data, self.served.model.image_size, self.limits.max_pixels, name=upload.name)
 
     async def _read_images(self, request, many: bool) -> list[np.ndarray]:
         body = await read_body(request, self.limits)
@@ -140,37 +183,47 @@ class ImageClassifier:
             raise RequestError(str(error)) from None
         return arrays
 
-    def _answer(self, row: np.ndarray) -> dict:
-        probabilities = {name: float(p) for name, p in zip(self.model.classes, row)}
-        return {"label": self.model.classes[int(row.argmax())], "probabilities": probabilities,
-                "model": self.model_info}
+    @staticmethod
+    def _answer(row: np.ndarray, served: Served) -> dict:
+        classes = served.model.classes
+        probabilities = {name: float(p) for name, p in zip(classes, row)}
+        return {"label": classes[int(row.argmax())], "probabilities": probabilities, "model": served.answer_info}
 
     async def classify(self, request):
         (array,) = await self._read_images(request, many=False)
-        return json_response(self._answer((await self.batcher.submit(array[None]))[0]))
+        probabilities, served = await self.batcher.submit(array[None])
+        return json_response(self._answer(probabilities[0], served))
 
     async def classify_batch(self, request):
         arrays = await self._read_images(request, many=True)
-        probabilities = await self.batcher.submit(np.stack(arrays))
-        return json_response({"results": [self._answer(row) for row in probabilities]})
+        probabilities, served = await self.batcher.submit(np.stack(arrays))
+        return json_response({"results": [self._answer(row, served) for row in probabilities]})
 
     async def explain(self, request):
         target = request.query_params.get("target")
-        if target is not None and target not in self.model.classes:
-            raise RequestError(f"Unknown target class {target!r}: choose one of {', '.join(self.model.classes)}.")
-        if self.explainer is None:
-            raise RequestError(f"Packaged model {SETTINGS.model} has no explain graph: run `make package` again.", 503)
+        classes = self.served.model.classes
+        if target is not None and target not in classes:
+            raise RequestError(f"Unknown target class {target!r}: choose one of {', '.join(classes)}.")
+        if self.served.explainer is None:
+            raise RequestError(f"Model version {self.served.info.get('model_version')} has no explain graph: "
+                               "run `make package` again.", 503)
         (array,) = await self._read_images(request, many=False)
-        # The probabilities come from the same model and batcher as /classify, so they are identical.
-        row = (await self.batcher.submit(array[None]))[0]
-        answer = self._answer(row)
-        index = self.model.classes.index(target) if target else int(row.argmax())
+        # The probabilities come from the same model and batcher as /classify, so they are identical;
+        # the pictures come from the explain graph of the model that computed them.
+        probabilities, served = await self.batcher.submit(array[None])
+        answer = self._answer(probabilities[0], served)
+        index = served.model.classes.index(target) if target else int(probabilities[0].argmax())
+        if served.explainer is None:
+            raise RequestError(f"Model version {served.info.get('model_version')} has no explain graph.", 503)
         loop = asyncio.get_running_loop()
-        answer.update(await loop.run_in_executor(self.explain_pool, self.explainer.explain, array, index))
+        answer.update(await loop.run_in_executor(self.explain_pool, served.explainer.explain, array, index))
         return json_response(answer)
 
     async def describe(self, request):
-        return json_response({**self.info, "batches": self.batcher.batches, "items": self.batcher.items})
+        answer = {**self.served.info, "batches": self.batcher.batches, "items": self.batcher.items}
+        if self.follower is not None:
+            answer["follow"] = self.follower.status()
+        return json_response(answer)
 
     async def ui(self, request):
         from starlette.responses import HTMLResponse

@@ -31,6 +31,7 @@ from pipeline.models import count_parameters
 from pipeline.module import ImageClassifier
 from pipeline.explain import save_pictures
 from pipeline.progress import EpochLines, progress_callback
+from pipeline.runtime.registry import CHECKSUM_TAG, file_checksums
 from pipeline.plots import plot_confusion_matrix, plot_learning_curves, plot_mistakes
 from pipeline.tracking import git_commit, project_dir
 
@@ -305,5 +306,9 @@ def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpo
         model_uri, checks = log_classifier(classifier, metadata, dm.val_images[:256].cpu())
         mlflow.log_metrics(checks)
         mlflow.set_tag("model_uri", model_uri)
+        # sha256 of the files as stored: a service that follows the registry checks its downloads against them.
+        with tempfile.TemporaryDirectory() as tmp:
+            stored = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+            mlflow.set_tags({f"{CHECKSUM_TAG}{name}": digest for name, digest in file_checksums(stored).items()})
     return RunResult(family, run_id, scores.accuracy, model_uri,
                      None if test_scores is None else test_scores.accuracy)

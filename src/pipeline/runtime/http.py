@@ -186,8 +186,12 @@ class MicroBatcher:
     batches: int = 0
     items: int = 0
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
-        """``images``: uint8 (N, 3, H, W); returns (N, classes) probabilities."""
+    async def submit(self, images: np.ndarray) -> tuple[np.ndarray, Any]:
+        """``images``: uint8 (N, 3, H, W); returns ((N, classes) probabilities, tag).
+
+        ``predict`` may return ``(probabilities, tag)``: every request of that call gets the same
+        tag (the service passes the model that ran, so an answer names the version that made it).
+        """
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run())
@@ -215,12 +219,13 @@ class MicroBatcher:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            probabilities, tag = probabilities if isinstance(probabilities, tuple) else (probabilities, None)
             self.batches += 1
             self.items += len(stacked)
             start = 0
             for images, future in pending:
                 if not future.done():
-                    future.set_result(probabilities[start : start + len(images)])
+                    future.set_result((probabilities[start : start + len(images)], tag))
                 start += len(images)
 
 

@@ -35,6 +35,8 @@ class Settings:
     read_timeout_s: float = 30.0              # CLASSIFIER_READ_TIMEOUT_S: a body must arrive within this
     drain_bytes: int = 64 * 1024 * 1024       # CLASSIFIER_DRAIN_BYTES: body read and dropped after a 413
     drain_timeout_s: float = 5.0              # CLASSIFIER_DRAIN_TIMEOUT_S: ... for at most this long
+    follow: str = ""                          # CLASSIFIER_FOLLOW: models:/NAME@ALIAS to follow (MLFLOW_TRACKING_URI)
+    follow_interval_s: float = 30.0           # CLASSIFIER_FOLLOW_INTERVAL_S: how often the alias is checked
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -52,6 +54,13 @@ class Settings:
         for name in ("max_body_bytes", "max_pixels", "max_batch_files", "read_timeout_s", "model_batch"):
             if getattr(settings, name) <= 0:
                 raise SettingsError(f"CLASSIFIER_{name.upper()}={getattr(settings, name)} must be above 0.")
+        if settings.follow:
+            from pipeline.runtime.registry import parse_alias_uri
+
+            parse_alias_uri(settings.follow)  # raises SettingsError with the expected shape
+            if not environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+                raise SettingsError(f"CLASSIFIER_FOLLOW={settings.follow} needs MLFLOW_TRACKING_URI set to the "
+                                    "MLflow server's http(s) URL.")
         return settings
 
     @property

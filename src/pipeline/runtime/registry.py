@@ -1,0 +1,275 @@
+"""Follow an MLflow registry alias from the service: plain HTTP to the tracking server, no mlflow package.
+
+``Follower`` checks ``models:/NAME@ALIAS`` every interval. When the alias moves it downloads the
+new version's files through the server (``/ajax-api/2.0/mlflow/logged-models/<id>/artifacts/files``,
+the MLflow UI's own route, which serves local and proxied artifact stores alike), checks them
+against the checksums the training run recorded, refuses a model with other classes or invalid
+probabilities on fixed probe images, and only then hands it to the service, which swaps it in
+between two model calls. A tracking server that does not answer changes nothing but the status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer
+from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, OnnxClassifier
+
+log = logging.getLogger("bentoml.cifar4.follow")
+MODEL_FILES = (ONNX_FILE, METADATA_FILE, EXPLAIN_ONNX, EXPLAIN_JSON)
+REQUIRED_FILES = (ONNX_FILE, METADATA_FILE)
+CHECKSUM_TAG = "checksum."  # run tags checksum.<file> = sha256, written by training (pipeline.train)
+
+
+class RegistryUnreachable(RuntimeError):
+    """The tracking server did not answer, or answered with an error."""
+
+
+class Refused(RuntimeError):
+    """A model version that must not be served; the message says why."""
+
+
+def parse_alias_uri(uri: str) -> tuple[str, str]:
+    from pipeline.runtime.settings import SettingsError
+
+    match = re.fullmatch(r"models:/([^/@]+)@([^/@]+)", uri.strip())
+    if not match:
+        raise SettingsError(f"CLASSIFIER_FOLLOW={uri!r} must look like models:/NAME@ALIAS.")
+    return match.group(1), match.group(2)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of the model files under ``folder`` (found at any depth: MLflow puts extras in extra_files/)."""
+    found = {}
+    for name in MODEL_FILES:
+        match = next(iter(sorted(folder.rglob(name))), None)
+        if match is not None:
+            found[name] = sha256(match)
+    return found
+
+
+def probe_images(size: int, n: int = 16) -> np.ndarray:
+    """Fixed images (seeded noise): a model must give finite probabilities that sum to 1 on them."""
+    return np.random.default_rng(0).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+
+
+class RegistryClient:
+    def __init__(self, tracking_uri: str, timeout: float = 10.0) -> None:
+        self.base, self.timeout = tracking_uri.rstrip("/"), timeout
+
+    def _get(self, path: str, params: dict[str, str]) -> bytes:
+        url = f"{self.base}{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as error:
+            detail = error.read()[:300].decode("utf-8", "replace")
+            raise RegistryUnreachable(f"{self.base} answered {error.code} to {path}: {detail}") from None
+        except (urllib.error.URLError, OSError, TimeoutError) as error:
+            raise RegistryUnreachable(f"MLflow at {self.base} cannot be reached "
+                                      f"({getattr(error, 'reason', error)}).") from None
+
+    def _json(self, path: str, params: dict[str, str]) -> dict:
+        try:
+            return json.loads(self._get(path, params))
+        except ValueError:
+            raise RegistryUnreachable(f"{self.base}{path} did not answer JSON.") from None
+
+    def alias(self, name: str, alias: str) -> dict[str, Any]:
+        """The version the alias points at: ``version``, ``run_id``, ``model_id``."""
+        found = self._json("/api/2.0/mlflow/registered-models/alias", {"name": name, "alias": alias})
+        version = found.get("model_version") or {}
+        model_id = version.get("model_id") or str(version.get("source", "")).removeprefix("models:/")
+        return {"version": str(version.get("version")), "run_id": version.get("run_id", ""), "model_id": model_id}
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        run = self._json("/api/2.0/mlflow/runs/get", {"run_id": run_id}).get("run", {})
+        return {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}
+
+    def download(self, model_id: str, name: str, dest: Path) -> bool:
+        """Fetch one model file (at the top or in extra_files/); False when the model has no such file."""
+        for relative in (name, f"extra_files/{name}"):
+            try:
+                data = self._get(f"/ajax-api/2.0/mlflow/logged-models/{model_id}/artifacts/files",
+                                 {"artifact_file_path": relative})
+            except RegistryUnreachable as error:
+                if " answered 404" in str(error) or " answered 400" in str(error) or "answered 500" in str(error):
+                    continue  # not there: try the other place
+                raise
+            dest.write_bytes(data)
+            return True
+        return False
+
+
+@dataclass
+class Served:
+    """One model as the service uses it; swapped as a whole, never changed in place."""
+    model: OnnxClassifier
+    explainer: Optional[Explainer]
+    info: dict[str, Any]
+    folder: Optional[Path] = None
+
+    @property
+    def answer_info(self) -> dict[str, Any]:
+        return {"name": self.info.get("registered_model"), "version": self.info.get("model_version"),
+                "run_id": self.info.get("run_id")}
+
+
+def load_version(client: RegistryClient, name: str, found: dict[str, Any], scratch: Path, threads: int,
+                 spinning: bool, classes: Optional[list[str]]) -> Served:
+    """Download, check and load one registered version; raises Refused with the reason."""
+    version, run_id, model_id = found["version"], found["run_id"], found["model_id"]
+    if not model_id:
+        raise Refused(f"version {version} has no logged model to download.")
+    recorded = {key[len(CHECKSUM_TAG):]: value for key, value in client.run_tags(run_id).items()
+                if key.startswith(CHECKSUM_TAG)}
+    if not recorded:
+        raise Refused(f"version {version}'s run {run_id} recorded no checksums of its model files (logged before "
+                      "this check existed): serve it with `make package` instead.")
+    folder = Path(tempfile.mkdtemp(prefix=f"model-v{version}-", dir=scratch))
+    try:
+        for file in MODEL_FILES:
+            if file in recorded and not client.download(model_id, file, folder / file):
+                raise Refused(f"version {version} lacks {file}, which its run recorded.")
+        missing = [file for file in REQUIRED_FILES if file not in recorded]
+        if missing:
+            raise Refused(f"version {version} has no {missing[0]}.")
+        for file, digest in recorded.items():
+            if (folder / file).is_file() and sha256(folder / file) != digest:
+                raise Refused(f"version {version}'s {file} does not match the checksum its run recorded.")
+        metadata = json.loads((folder / METADATA_FILE).read_text())
+        if classes is not None and list(metadata.get("classes", [])) != list(classes):
+            raise Refused(f"version {version} has classes {metadata.get('classes')}, the served model {classes}.")
+        model = OnnxClassifier(folder / ONNX_FILE, metadata, threads=threads, spinning=spinning)
+        probabilities = model.predict_proba(probe_images(model.image_size))
+        if not np.isfinite(probabilities).all() or np.abs(probabilities.sum(1) - 1).max() > 1e-4:
+            raise Refused(f"version {version} gives probabilities that are not finite or do not sum to 1 "
+                          "on the probe images.")
+        explainer = None
+        if (folder / EXPLAIN_ONNX).is_file() and (folder / EXPLAIN_JSON).is_file():
+            explainer = Explainer(folder, model.classes, threads=threads)
+        info = {**metadata, "registered_model": name, "model_version": version, "run_id": run_id,
+                "mlflow_model_id": model_id, "checksums": recorded}
+        return Served(model, explainer, info, folder)
+    except Refused:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as error:  # ONNX Runtime's errors are RuntimeErrors
+        shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(error, RegistryUnreachable):
+            raise
+        raise Refused(f"version {version} could not be loaded: {str(error)[:300]}") from None
+
+
+@dataclass
+class Follower:
+    """Checks the alias every ``interval`` seconds in a thread; ``swap(served)`` installs a new model."""
+    target: str
+    tracking_uri: str
+    interval: float
+    swap: Callable[[Served], None]
+    threads: int = 1
+    spinning: bool = False
+    scratch: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+    current: Optional[Served] = None
+    reachable: Optional[bool] = None
+    last_check: Optional[float] = None
+    last_error: Optional[str] = None
+    last_refusal: Optional[dict[str, Any]] = None
+    swaps: int = 0
+    refusals: int = 0
+    on_event: Callable[[str], None] = lambda kind: None  # "swap" or "refusal": the service counts them
+
+    def __post_init__(self) -> None:
+        self.name, self.alias = parse_alias_uri(self.target)
+        self.client = RegistryClient(self.tracking_uri)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def initial(self) -> Served:
+        """The model the alias points at now; raises RegistryUnreachable or Refused."""
+        found = self.client.alias(self.name, self.alias)
+        served = load_version(self.client, self.name, found, self.scratch, self.threads, self.spinning, None)
+        self.current, self.reachable, self.last_check = served, True, time.time()
+        log.info("Following %s at %s: serving version %s", self.target, self.tracking_uri, found["version"])
+        return served
+
+    def check(self) -> None:
+        """One look at the alias; never raises."""
+        self.last_check = time.time()
+        try:
+            found = self.client.alias(self.name, self.alias)
+        except RegistryUnreachable as error:
+            if self.reachable is not False:
+                log.warning("%s Still serving version %s; following resumes when it answers.", error,
+                            self.current.info.get("model_version") if self.current else None)
+            self.reachable, self.last_error = False, str(error)
+            return
+        if self.reachable is False:
+            log.info("MLflow at %s answers again; following %s.", self.tracking_uri, self.target)
+        self.reachable, self.last_error = True, None
+        served_version = self.current.info.get("model_version") if self.current else None
+        if found["version"] == served_version:
+            return
+        if self.last_refusal and self.last_refusal["version"] == found["version"]:
+            return  # refused already: wait for the alias to move again
+        classes = self.current.model.classes if self.current else None
+        try:
+            served = load_version(self.client, self.name, found, self.scratch, self.threads, self.spinning, classes)
+        except RegistryUnreachable as error:  # went away mid-download: try again next time
+            self.reachable, self.last_error = False, str(error)
+            log.warning("%s Still serving version %s.", error, served_version)
+            return
+        except Refused as error:
+            self.refusals += 1
+            self.last_refusal = {"version": found["version"], "reason": str(error), "at": time.time()}
+            log.error("Refused %s version %s: %s Still serving version %s.", self.name, found["version"], error,
+                      served_version)
+            self.on_event("refusal")
+            return
+        previous, self.current = self.current, served
+        self.swap(served)
+        self.swaps += 1
+        self.on_event("swap")
+        log.info("%s moved: now serving version %s (was %s).", self.target, found["version"], served_version)
+        if previous is not None and previous.folder is not None:
+            shutil.rmtree(previous.folder, ignore_errors=True)  # ONNX Runtime has the graph in memory
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self.interval):
+                self.check()
+
+        self._thread = threading.Thread(target=loop, name="follow-registry", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "target": self.target, "tracking_uri": self.tracking_uri, "interval_s": self.interval,
+            "serving_version": self.current.info.get("model_version") if self.current else None,
+            "tracking_server": None if self.reachable is None else ("reachable" if self.reachable else "unreachable"),
+            "last_error": self.last_error, "last_check": self.last_check, "last_refusal": self.last_refusal,
+            "swaps": self.swaps, "refusals": self.refusals,
+        }
