@@ -81,8 +81,8 @@ image: install ## the packaged bento and its model in one image: cifar4-classifi
 docker-build: ## build the classifier and MLflow images (BASE_IMAGE=... to change the base)
 	docker compose build
 
-docker-up: ## docker compose up -d, then wait until both services are healthy
-	docker compose up -d --wait
+docker-up: ## docker compose up -d, then wait until both services are healthy (MLflow runs as you)
+	HOST_UID=$$(id -u) HOST_GID=$$(id -g) docker compose up -d --wait
 
 docker-down: ## stop the stack (the MLflow store and BentoML store are host folders: they stay)
 	docker compose down

@@ -12,6 +12,8 @@ bash docker/install-compose.sh
 own_engine=0
 if ! docker info >/dev/null 2>&1; then bash docker/start-dockerd.sh; own_engine=1; fi
 export BIND_HOST=127.0.0.1 BASE_IMAGE=localhost/python-base:3.11
+# Host networking: the classifier reaches MLflow on 127.0.0.1; it checks the alias every 2 s here.
+export CLASSIFIER_TRACKING_URI=http://127.0.0.1:5000 CLASSIFIER_FOLLOW_INTERVAL_S=2 HOST_UID=$(id -u) HOST_GID=$(id -g)
 compose=(docker compose -f compose.yaml -f docker/compose.ci.yaml)
 cleanup() {
   "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
@@ -82,6 +84,56 @@ local = MlflowClient(f"sqlite:///{os.getcwd()}/mlflow.db")
 ids = {r.info.run_id for r in local.search_runs([e.experiment_id for e in local.search_experiments()])}
 assert ids and ids <= {r.info.run_id for r in runs}, "runs logged in CI are not listed by the compose MLflow"
 print(f"compose MLflow lists the {len(ids)} run(s) logged in CI")
+PY
+
+echo "== the classifier follows the champion alias through the compose MLflow server"
+.venv/bin/python - <<'PY'
+import glob, threading, time, httpx, mlflow
+from mlflow.tracking import MlflowClient
+
+server, url, name = "http://127.0.0.1:5000", "http://127.0.0.1:3000", "cifar4-classifier"
+image = open((sorted(glob.glob("../shared/data/cifar4/train/boat/*.jpg")) or sorted(glob.glob(".ci-toy/boat/*")))[0], "rb").read()
+model = httpx.get(f"{url}/model").json()
+follow = model["follow"]
+assert follow["tracking_server"] == "reachable" and follow["serving_version"] == model["model_version"], follow
+before = model["model_version"]
+client = MlflowClient(server)
+champion = client.get_model_version_by_alias(name, "champion")
+mlflow.set_tracking_uri(server)
+# A second version (the champion run's model registered again, through the server), then the alias moves.
+new = mlflow.register_model(client.get_run(champion.run_id).data.tags["model_uri"], name).version
+failures, answers, running = [], [], True
+
+def load():
+    with httpx.Client(timeout=30) as http:
+        while running:
+            try:
+                response = http.post(f"{url}/classify", files={"image": ("boat.jpg", image, "image/jpeg")})
+                (answers if response.status_code == 200 else failures).append(response)
+            except httpx.HTTPError as error:
+                failures.append(error)
+
+threads = [threading.Thread(target=load) for _ in range(4)]
+for thread in threads:
+    thread.start()
+time.sleep(1)
+moved = time.time()
+client.set_registered_model_alias(name, "champion", new)
+deadline, seen = moved + 2 * 2 + 10, None
+while time.time() < deadline:
+    versions = {httpx.post(f"{url}/classify", files={"image": image}, timeout=30).json()["model"]["version"]
+                for _ in range(6)}
+    if versions == {str(new)}:
+        seen = time.time() - moved
+        break
+    time.sleep(0.2)
+running = False
+for thread in threads:
+    thread.join()
+assert seen is not None, f"/classify still answers {versions} {time.time() - moved:.0f} s after the alias moved"
+assert not failures, failures[:3]
+print(f"alias moved {before} -> {new}: every worker answered with version {new} {seen:.1f} s later; "
+      f"{len(answers)} requests during the move, 0 failed")
 PY
 "${compose[@]}" down -v
 echo "docker stage took $(( $(date +%s) - started )) s"

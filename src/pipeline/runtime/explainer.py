@@ -33,6 +33,8 @@ class Explainer:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
+        # Idle threads sleep: /explain is occasional, and spinning threads would take the CPU from /classify.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(folder / EXPLAIN_ONNX), options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
         weight = np.asarray(self.info["first_layer"]["weight"], np.float32)

@@ -126,7 +126,6 @@ class Served:
     model: OnnxClassifier
     explainer: Optional[Explainer]
     info: dict[str, Any]
-    folder: Optional[Path] = None
 
     @property
     def answer_info(self) -> dict[str, Any]:
@@ -169,7 +168,9 @@ def load_version(client: RegistryClient, name: str, found: dict[str, Any], scrat
             explainer = Explainer(folder, model.classes, threads=threads)
         info = {**metadata, "registered_model": name, "model_version": version, "run_id": run_id,
                 "mlflow_model_id": model_id, "checksums": recorded}
-        return Served(model, explainer, info, folder)
+        # ONNX Runtime holds both graphs in memory now: the files go (in a container they sit in /dev/shm).
+        shutil.rmtree(folder, ignore_errors=True)
+        return Served(model, explainer, info)
     except Refused:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -246,13 +247,11 @@ class Follower:
                       served_version)
             self.on_event("refusal")
             return
-        previous, self.current = self.current, served
+        self.current = served
         self.swap(served)
         self.swaps += 1
         self.on_event("swap")
         log.info("%s moved: now serving version %s (was %s).", self.target, found["version"], served_version)
-        if previous is not None and previous.folder is not None:
-            shutil.rmtree(previous.folder, ignore_errors=True)  # ONNX Runtime has the graph in memory
 
     def start(self) -> None:
         def loop() -> None:
