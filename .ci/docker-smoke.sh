@@ -13,7 +13,7 @@ own_engine=0
 if ! docker info >/dev/null 2>&1; then bash docker/start-dockerd.sh; own_engine=1; fi
 export BIND_HOST=127.0.0.1 BASE_IMAGE=localhost/python-base:3.11
 # Host networking: the classifier reaches MLflow on 127.0.0.1; it checks the alias every 2 s here.
-export CLASSIFIER_TRACKING_URI=http://127.0.0.1:5000 CLASSIFIER_FOLLOW_INTERVAL_S=2 HOST_UID=$(id -u) HOST_GID=$(id -g)
+export FOLLOW_TRACKING_URI=http://127.0.0.1:5000 CLASSIFIER_FOLLOW_INTERVAL_S=2 HOST_UID=$(id -u) HOST_GID=$(id -g)
 compose=(docker compose -f compose.yaml -f docker/compose.ci.yaml)
 cleanup() {
   "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true

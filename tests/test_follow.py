@@ -144,7 +144,7 @@ def test_the_service_follows_the_alias(served, toy_folder, tmp_path):
                     except httpx.HTTPError as error:
                         failures.append(error)
 
-        threads = [threading.Thread(target=load) for _ in range(4)]
+        threads = [threading.Thread(target=load) for _ in range(8)]
         for thread in threads:
             thread.start()
         moved = time.time()
@@ -159,8 +159,10 @@ def test_the_service_follows_the_alias(served, toy_folder, tmp_path):
         assert {a.json()["model"]["version"] for a in answers} <= {first, second}
         assert swap_seconds < 10
 
-        # Refused: files that do not match their run's checksums, and a model with other classes.
-        client.set_tag(runs[0].info.run_id, "checksum.model.onnx", "0" * 64)
+        # Refused: a corrupted model.onnx (its checksum no longer matches), and a model with other classes.
+        model_id = client.get_model_version(NAME, first).source.removeprefix("models:/")
+        (stored,) = (mlflow_dir / "artifacts").rglob(f"{model_id}/artifacts/model.onnx")
+        stored.write_bytes(stored.read_bytes()[:-64] + b"\0" * 64)
         pipeline("champion", "--version", first)
         refusal = poll(lambda: httpx.get(f"{url}/model").json()["follow"]["last_refusal"], 10, "refusal")
         assert refusal["version"] == first and "checksum" in refusal["reason"]
@@ -180,6 +182,10 @@ def test_the_service_follows_the_alias(served, toy_folder, tmp_path):
         server = start_mlflow(mlflow_dir, port)
         poll(lambda: httpx.get(f"{url}/model").json()["follow"]["tracking_server"] == "reachable", 15,
              "reachable again")
+        mlflow.set_tracking_uri(uri)
+        fourth = str(mlflow.register_model(runs[1].data.tags["model_uri"], NAME).version)
+        pipeline("champion", "--version", fourth)
+        poll(lambda: all(classify()["model"]["version"] == fourth for _ in range(6)), 15, "following resumed")
         text = (tmp_path / "serve.log").read_text()
         assert "now serving version" in text and "Refused" in text and "cannot be reached" in text
     finally:
