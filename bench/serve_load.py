@@ -249,7 +249,12 @@ def main() -> None:
     import bentoml
 
     stored = bentoml.models.get("cifar4-classifier:latest")
-    model = OnnxClassifier.from_dir(stored.path, threads=1)
+    # The service's layout comes from the environment (CLASSIFIER_WORKERS, CLASSIFIER_THREADS), as in
+    # production; the in-process reference uses the same ONNX Runtime threads as one service worker.
+    from pipeline.runtime.settings import Settings
+
+    layout = Settings.from_env()
+    model = OnnxClassifier.from_dir(stored.path, threads=layout.thread_count)
     data = Path(args.image).read_bytes()
     decoded = decode_image(data, model.image_size)
     bentoml_bin = str(Path(sys.executable).parent / "bentoml")
@@ -354,7 +359,9 @@ def main() -> None:
     summary = Table(title="Service")
     for column in ("measure", "value", "target"):
         summary.add_column(column)
-    summary.add_row("in-process model call p50, 1 thread", f"{in_p50:.3f} ms", "reference")
+    summary.add_row(f"in-process model call p50, {layout.thread_count} thread(s)", f"{in_p50:.3f} ms", "reference")
+    summary.add_row("service layout", f"{layout.worker_count} worker(s) x {layout.thread_count} ONNX Runtime "
+                    f"thread(s), batches of up to {layout.model_batch}", "")
     summary.add_row("p50 added over in-process at 1 connection", f"{median('service', connections[0], 'p50') - in_p50:.2f} ms",
                     "<= 1 ms")
     fivexx = soak["statuses"].get("non-2xx", 0) if use_wrk else sum(v for k, v in soak["statuses"].items() if k >= 500)

@@ -26,7 +26,7 @@ _SRC = Path(__file__).resolve().parent.parent / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
-from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer  # noqa: E402
+from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer, LazyExplainer  # noqa: E402
 from pipeline.runtime.http import (  # noqa: E402
     Limits, MicroBatcher, RequestError, Route, Router, json_response, parse_uploads, read_body,
 )
@@ -137,7 +137,7 @@ class ImageClassifier:
         # Models packaged before /explain existed have no explain graph: /explain then says so.
         explainer = None
         if (Path(stored.path) / EXPLAIN_ONNX).is_file() and EXPLAIN_JSON in info.get("checksums", {}):
-            explainer = Explainer(stored.path, model.classes, threads=SETTINGS.thread_count)
+            explainer = LazyExplainer(lambda: Explainer(stored.path, model.classes, threads=SETTINGS.thread_count))
         return Served(model, explainer, info)
 
     def _follow(self) -> Served | None:

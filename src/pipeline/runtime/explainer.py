@@ -21,21 +21,25 @@ DISPLAY_SIDE = 128  # the input, overlay and kernel pictures are shown this many
 
 
 class Explainer:
-    def __init__(self, folder: str | Path, classes: list[str], threads: int | None = None) -> None:
+    def __init__(self, folder: str | Path | None, classes: list[str], threads: int | None = None,
+                 graph: bytes | None = None, info: dict | None = None) -> None:
+        """From ``folder`` (explain.onnx + explain.json), or from the ``graph`` bytes and ``info``."""
         import onnxruntime as ort
 
-        folder = Path(folder)
-        for name in (EXPLAIN_ONNX, EXPLAIN_JSON):
-            if not (folder / name).is_file():
-                raise ModelError(f"Model folder {str(folder)!r} lacks {name}: run `make package` again.")
-        self.info = json.loads((folder / EXPLAIN_JSON).read_text())
+        if graph is None or info is None:
+            folder = Path(folder)
+            for name in (EXPLAIN_ONNX, EXPLAIN_JSON):
+                if not (folder / name).is_file():
+                    raise ModelError(f"Model folder {str(folder)!r} lacks {name}: run `make package` again.")
+            graph, info = (folder / EXPLAIN_ONNX).read_bytes(), json.loads((folder / EXPLAIN_JSON).read_text())
+        self.info = info
         self.classes = list(classes)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         # Idle threads sleep: /explain is occasional, and spinning threads would take the CPU from /classify.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(folder / EXPLAIN_ONNX), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
         weight = np.asarray(self.info["first_layer"]["weight"], np.float32)
         self.filters_png = pictures.png_base64(pictures.filter_grid(weight))
@@ -72,3 +76,16 @@ class Explainer:
             },
             "kernels": kernels,
         }
+
+
+class LazyExplainer:
+    """Builds its Explainer on the first /explain: an ONNX Runtime session costs 25-40 MB per worker
+    (measured, ResNet-9), which a service that is never asked to explain should not pay."""
+
+    def __init__(self, build) -> None:
+        self._build, self._explainer = build, None
+
+    def explain(self, image: np.ndarray, target: int) -> dict:
+        if self._explainer is None:  # called from the service's single explain thread
+            self._explainer = self._build()
+        return self._explainer.explain(image, target)

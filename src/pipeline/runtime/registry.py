@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer
+from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer, LazyExplainer
 from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, OnnxClassifier
 
 log = logging.getLogger("bentoml.cifar4.follow")
@@ -124,7 +124,7 @@ class RegistryClient:
 class Served:
     """One model as the service uses it; swapped as a whole, never changed in place."""
     model: OnnxClassifier
-    explainer: Optional[Explainer]
+    explainer: Optional[LazyExplainer]
     info: dict[str, Any]
 
     @property
@@ -165,7 +165,8 @@ def load_version(client: RegistryClient, name: str, found: dict[str, Any], scrat
                           "on the probe images.")
         explainer = None
         if (folder / EXPLAIN_ONNX).is_file() and (folder / EXPLAIN_JSON).is_file():
-            explainer = Explainer(folder, model.classes, threads=threads)
+            graph, explain_info = (folder / EXPLAIN_ONNX).read_bytes(), json.loads((folder / EXPLAIN_JSON).read_text())
+            explainer = LazyExplainer(lambda: Explainer(None, model.classes, threads, graph, explain_info))
         info = {**metadata, "registered_model": name, "model_version": version, "run_id": run_id,
                 "mlflow_model_id": model_id, "checksums": recorded}
         # ONNX Runtime holds both graphs in memory now: the files go (in a container they sit in /dev/shm).
