@@ -53,6 +53,7 @@ serve: install ## serve the packaged bento on 127.0.0.1:$(PORT) (PORT=...)
 	$(BIN)/bentoml serve cifar4_classifier:latest --host 127.0.0.1 --port $(PORT) --timeout-keep-alive 75
 
 predict: install ## classify every image under DATA with MODEL, offline, into OUT (CSV; default predictions.csv)
+	$(if $(DATA),,$(error make predict needs DATA=folder of images))
 	$(BIN)/pipeline predict "$(DATA)" --model "$(MODEL)" --out "$(OUT)" $(ARGS)
 
 download: install ## download CIFAR-10 and write data/cifar4/{train,test}/{bird,boat,cat,dog}
