@@ -127,7 +127,6 @@ def load_image_folder(root: str | Path, size: int = 32, cache_dir: str | Path | 
         labels = np.array([label for _, label in files], dtype=np.int64)[keep]
         images = images[keep] if errors else images
         skipped = list(errors)
-        _check_bad_fraction(root, skipped, len(files), errors)
         cache.mkdir(parents=True, exist_ok=True)
         partial = cache / f"images-{fingerprint}.{os.getpid()}.tmp.npz"
         np.savez(partial, images=images, labels=labels, skipped=np.array(skipped, dtype=str))

@@ -12,7 +12,6 @@ the explain graph, as it always did.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -29,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX
 from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier, find_model_files
+from pipeline.runtime.registry import sha256
 
 TOLERANCE = 1e-5
 
@@ -56,10 +56,6 @@ def resolve_version(client: MlflowClient, model_uri: str):
     except MlflowException as error:
         raise ModelError(f"No registered model {model_uri} in {client.tracking_uri}: "
                          "train first (make train).") from error
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_images(metadata: dict, n: int = 64) -> np.ndarray:

@@ -37,7 +37,11 @@ CHECKSUM_TAG = "checksum."  # run tags checksum.<file> = sha256, written by trai
 
 
 class RegistryUnreachable(RuntimeError):
-    """The tracking server did not answer, or answered with an error."""
+    """The tracking server did not answer (``status`` None), or answered with an error status."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Refused(RuntimeError):
@@ -83,7 +87,7 @@ class RegistryClient:
                 return response.read()
         except urllib.error.HTTPError as error:
             detail = error.read()[:300].decode("utf-8", "replace")
-            raise RegistryUnreachable(f"{self.base} answered {error.code} to {path}: {detail}") from None
+            raise RegistryUnreachable(f"{self.base} answered {error.code} to {path}: {detail}", error.code) from None
         except (urllib.error.URLError, OSError, TimeoutError) as error:
             raise RegistryUnreachable(f"MLflow at {self.base} cannot be reached "
                                       f"({getattr(error, 'reason', error)}).") from None
@@ -112,8 +116,8 @@ class RegistryClient:
                 data = self._get(f"/ajax-api/2.0/mlflow/logged-models/{model_id}/artifacts/files",
                                  {"artifact_file_path": relative})
             except RegistryUnreachable as error:
-                if " answered 404" in str(error) or " answered 400" in str(error) or "answered 500" in str(error):
-                    continue  # not there: try the other place
+                if error.status in (400, 404, 500):  # not there (MLflow answers a missing file with one of these)
+                    continue
                 raise
             dest.write_bytes(data)
             return True
