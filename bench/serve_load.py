@@ -10,7 +10,7 @@ package; `apt-get install wrk`) when it is installed, else from a Python client.
 Measures, with the same client and image:
   * start-up time to /readyz and memory (RSS of the whole process tree) of `bentoml serve`;
   * at 1, 32 and 64 connections: req/s, p50 and p99 latency, errors, for every server, in
-    interleaved rounds (median over rounds);
+    interleaved rounds (median over rounds); the servers not under load are paused (SIGSTOP);
   * the latency the service adds over an in-process call of the same ONNX model at 1 connection;
   * a soak at 32 clients: 5xx and 503 counts.
 Traffic is bounded in count and time and goes to loopback only.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -170,6 +171,19 @@ def stop(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def paused(processes: list[subprocess.Popen]):
+    """SIGSTOP the other servers while one is measured: LitServe's idle workers poll their queues
+    (about a quarter of a core here), which would be taken from whichever server is under load."""
+    for process in processes:
+        os.killpg(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGCONT)
+
+
 def multipart_request(host: str, port: int, path: str, data: bytes) -> bytes:
     """One pre-encoded HTTP/1.1 request: the load generator spends its CPU on sockets, not encoding."""
     boundary = b"benchboundary7d1f"
@@ -271,6 +285,18 @@ def main() -> None:
         model.predict_proba(decoded)
         in_process.append((time.perf_counter() - t0) * 1000)
     in_p50 = statistics.median(in_process)
+    # The model-only ceiling: what the cores could serve if HTTP, decode and JSON cost nothing
+    # (batches of the service's size, one ONNX Runtime thread per core).
+    single = OnnxClassifier.from_dir(stored.path, threads=1)
+    batch = np.repeat(decoded[None] if decoded.ndim == 3 else decoded, layout.model_batch, axis=0)
+    per_image = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        single.predict_proba(batch, batch_size=layout.model_batch)
+        per_image.append((time.perf_counter() - t0) * 1000 / len(batch))
+    ms_per_image = statistics.median(per_image[5:])
+    ceiling = (os.cpu_count() or 1) * 1000 / ms_per_image
+    del single
 
     tmp = Path(tempfile.mkdtemp())
     body_file, script = tmp / "body.bin", tmp / "post.lua"
@@ -298,9 +324,8 @@ def main() -> None:
                         f"http://127.0.0.1:{peer_port}/docs", tmp / "peer.log", env)
         servers["naive FastAPI"] = (peer, f"http://127.0.0.1:{peer_port}/classify")
 
-        # LitServe: keep the configuration that serves the most at 32 connections.
-        best, litserve_tried = None, []
-        for config in args.litserve_configs.split(","):
+        # LitServe: keep the configuration that serves the most at 32 connections, each tried alone.
+        def try_litserve(config: str) -> tuple[float, subprocess.Popen, str, str]:
             workers, batch = (int(v) for v in config.split("x"))
             lit_port = free_port()
             (tmp / f"lit_{config}.py").write_text(LITSERVE.format(src=str(ROOT / "src"), model_dir=str(stored.path),
@@ -311,25 +336,37 @@ def main() -> None:
             run_load(url, 32, 3)
             rps = run_load(url, 32, args.seconds)["rps"]
             litserve_tried.append(f"{workers} worker(s), batch {batch}: {rps:,.0f} req/s")
-            if best is None or rps > best[0]:
-                if best is not None:
-                    stop(best[1])
-                best = (rps, lit, url, f"LitServe ({workers}w, batch {batch})")
+            return rps, lit, url, f"LitServe ({workers}w, batch {batch})"
+
+        best, litserve_tried = None, []
+        for config in args.litserve_configs.split(","):
+            with paused([process for process, _ in servers.values()] + ([best[1]] if best else [])):
+                tried = try_litserve(config)
+            if best is None or tried[0] > best[0]:
+                best, loser = tried, best
             else:
-                stop(lit)
+                loser = tried
+            if loser is not None:
+                stop(loser[1])
         servers[best[3]] = (best[1], best[2])
 
-        for _, url in servers.values():  # warm-up
-            run_load(url, 32, 3)
+        def alone(name: str):
+            return paused([process for other, (process, _) in servers.items() if other != name])
+
+        for name, (_, url) in servers.items():  # warm-up
+            with alone(name):
+                run_load(url, 32, 3)
         results: dict[tuple[str, int], list[dict]] = {}
         loaded_rss = idle_rss
         for _ in range(args.rounds):
             for clients in connections:
                 for name, (process, url) in servers.items():
-                    results.setdefault((name, clients), []).append(run_load(url, clients, args.seconds))
-                    if name == "service":
-                        loaded_rss = max(loaded_rss, tree_rss_mb(service.pid))
-        soak = run_load(servers["service"][1], 32, args.soak)
+                    with alone(name):
+                        results.setdefault((name, clients), []).append(run_load(url, clients, args.seconds))
+                        if name == "service":
+                            loaded_rss = max(loaded_rss, tree_rss_mb(service.pid))
+        with alone("service"):
+            soak = run_load(servers["service"][1], 32, args.soak)
     finally:
         for process, _ in servers.values():
             stop(process)
@@ -360,6 +397,9 @@ def main() -> None:
     for column in ("measure", "value", "target"):
         summary.add_column(column)
     summary.add_row(f"in-process model call p50, {layout.thread_count} thread(s)", f"{in_p50:.3f} ms", "reference")
+    summary.add_row(f"model-only ceiling: {os.cpu_count()} cores / {ms_per_image:.2f} ms per image (batch "
+                    f"{layout.model_batch}, 1 thread)", f"{ceiling:,.0f} req/s; service at 64 connections: "
+                    f"{median('service', connections[-1], 'rps') / ceiling:.0%} of it", "")
     summary.add_row("service layout", f"{layout.worker_count} worker(s) x {layout.thread_count} ONNX Runtime "
                     f"thread(s), batches of up to {layout.model_batch}", "")
     summary.add_row("p50 added over in-process at 1 connection", f"{median('service', connections[0], 'p50') - in_p50:.2f} ms",

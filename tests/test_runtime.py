@@ -43,3 +43,31 @@ def test_settings_refuse_bad_values_in_one_sentence():
                            ({"CLASSIFIER_MAX_BODY_BYTE": "5"}, "Unknown setting CLASSIFIER_MAX_BODY_BYTE")]:
         with pytest.raises(SettingsError, match=words):
             Settings.from_env(environ)
+
+
+def test_batcher_runs_a_lone_request_inline_and_batches_concurrent_ones():
+    import asyncio
+    import threading
+
+    import numpy as np
+
+    from pipeline.runtime.http import MicroBatcher
+
+    calls: list[tuple[int, str]] = []
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        calls.append((len(images), threading.current_thread().name))
+        return images[:, :1, 0, 0].astype(np.float32)  # each row answers with its own first pixel
+
+    async def scenario() -> tuple[list, list]:
+        batcher = MicroBatcher(predict, max_batch=16)
+        lone, _ = await batcher.submit(np.full((1, 3, 2, 2), 7, np.uint8))
+        together = await asyncio.gather(*[batcher.submit(np.full((1, 3, 2, 2), i, np.uint8)) for i in range(8)])
+        return lone, [rows for rows, _ in together]
+
+    lone, together = asyncio.run(scenario())
+    assert lone.tolist() == [[7.0]]
+    assert [rows.tolist() for rows in together] == [[[float(i)]] for i in range(8)]  # each request gets its row
+    assert calls[0] == (1, threading.main_thread().name)        # alone: on the event loop, no thread hop
+    assert calls[1][0] == 8 and calls[1][1].startswith("model")  # concurrent: one call on the model thread
+    assert len(calls) == 2
