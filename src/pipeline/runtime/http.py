@@ -207,8 +207,10 @@ class MicroBatcher:
         if len(images) <= self.inline_max and not self._busy and self._queue.empty():
             # Let the requests that arrived with this one reach the batcher first: then they are batched.
             self._deciding += 1
-            await asyncio.sleep(0)
-            self._deciding -= 1
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._deciding -= 1
             if self._deciding == 0 and not self._busy and self._queue.empty():
                 self._busy = True
                 try:
