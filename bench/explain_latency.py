@@ -18,10 +18,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -32,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import ROOT, free_port, start, stop  # noqa: E402
+from serve_load import ROOT, free_port, median_ms, start, stop  # noqa: E402
 
 from pipeline.explain import export_explain  # noqa: E402
 from pipeline.runtime.explainer import Explainer  # noqa: E402
@@ -40,17 +38,6 @@ from pipeline.export import WEIGHTS_FILE, rebuild_classifier  # noqa: E402
 from pipeline.runtime.imaging import decode_image  # noqa: E402
 from pipeline.runtime.onnx_model import OnnxClassifier, find_model_files  # noqa: E402
 from pipeline.tracking import tracking_uri as resolve_tracking_uri  # noqa: E402
-
-
-def median_ms(fn, rounds: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
 
 
 def newest_runs(client: MlflowClient, experiment: str) -> dict[str, str]:

@@ -139,6 +139,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def median_ms(fn, rounds: int, warmup: int = 5) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
 def tree_rss_mb(pid: int) -> float:
     try:
         root = psutil.Process(pid)
@@ -280,26 +292,14 @@ def main() -> None:
     # It is measured again in every round, beside that round's 1-connection load, because the
     # machine's speed drifts over minutes (2.93 to 3.27 ms for the same call in one afternoon).
     def in_process_p50() -> float:
-        for _ in range(30):
-            model.predict_proba(decoded)
-        times = []
-        for _ in range(300):
-            t0 = time.perf_counter()
-            model.predict_proba(decoded)
-            times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
+        return median_ms(lambda: model.predict_proba(decoded), 300, warmup=30)
 
     in_process: list[float] = []
     # The model-only ceiling: what the cores could serve if HTTP, decode and JSON cost nothing
     # (batches of the service's size, one ONNX Runtime thread per core).
     single = OnnxClassifier.from_dir(stored.path, threads=1)
     batch = np.repeat(decoded[None] if decoded.ndim == 3 else decoded, layout.model_batch, axis=0)
-    per_image = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        single.predict_proba(batch, batch_size=layout.model_batch)
-        per_image.append((time.perf_counter() - t0) * 1000 / len(batch))
-    ms_per_image = statistics.median(per_image[5:])
+    ms_per_image = median_ms(lambda: single.predict_proba(batch, batch_size=layout.model_batch), 15) / len(batch)
     ceiling = (os.cpu_count() or 1) * 1000 / ms_per_image
     del single
 
@@ -407,7 +407,7 @@ def main() -> None:
     summary.add_row(f"in-process model call p50, {layout.thread_count} thread(s), per round",
                     ", ".join(f"{v:.3f}" for v in in_process) + " ms", "reference")
     summary.add_row(f"model-only ceiling: {os.cpu_count()} cores / {ms_per_image:.2f} ms per image (batch "
-                    f"{layout.model_batch}, 1 thread)", f"{ceiling:,.0f} req/s; service at 64 connections: "
+                    f"{layout.model_batch}, 1 thread)", f"{ceiling:,.0f} req/s; service at {connections[-1]} connections: "
                     f"{median('service', connections[-1], 'rps') / ceiling:.0%} of it", "")
     summary.add_row("service layout", f"{layout.worker_count} worker(s) x {layout.thread_count} ONNX Runtime "
                     f"thread(s), batches of up to {layout.model_batch}", "")

@@ -23,17 +23,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+from serve_load import median_ms  # noqa: E402
 
 
 def time_model(model, images: np.ndarray) -> tuple[float, float]:
     single = images[:1]
-    for _ in range(20):
-        model.predict_proba(single)
-    calls = []
-    for _ in range(200):
-        started = time.perf_counter()
-        model.predict_proba(single)
-        calls.append((time.perf_counter() - started) * 1000)
+    single_ms = median_ms(lambda: model.predict_proba(single), 200, warmup=20)
     batch = images[:64]
     model.predict_proba(batch)
     rounds = []
@@ -41,7 +37,7 @@ def time_model(model, images: np.ndarray) -> tuple[float, float]:
         started = time.perf_counter()
         model.predict_proba(batch)
         rounds.append(len(batch) / (time.perf_counter() - started))
-    return statistics.median(calls), statistics.median(rounds)
+    return single_ms, statistics.median(rounds)
 
 
 def main() -> None:
