@@ -10,6 +10,7 @@ from pipeline.data import (
     DataError, ImageFolderDataModule, TensorBatches, augment_batch, load_image_folder, resolve_data_dir,
     split_indices,
 )
+from pipeline.runtime import imaging
 from pipeline.runtime.imaging import ImageDecodeError, decode_image
 from toy_data import make_image_folder
 
@@ -174,3 +175,39 @@ def test_truncated_png_is_an_error():
     data = _png(Image.effect_noise((64, 64), 50))
     with pytest.raises(ImageDecodeError):
         decode_image(data[: len(data) // 2], 32)
+
+
+def _jpeg_variants():
+    rng = np.random.default_rng(0)
+    for width, height in ((32, 32), (7, 5), (33, 47), (127, 300), (130, 90)):
+        pixels = (np.linspace(0, 255, width)[None, :, None] * 0.6 + rng.integers(0, 100, (height, width, 3)))
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        for subsampling in (0, 1, 2):
+            for progressive in (False, True):
+                yield f"{width}x{height} sub{subsampling} prog{progressive}", _png(
+                    image, format="JPEG", quality=90, subsampling=subsampling, progressive=progressive)
+        yield f"{width}x{height} grey", _png(image.convert("L"), format="JPEG", quality=80)
+
+
+def test_small_jpegs_take_the_fast_path_with_pillows_pixels(monkeypatch):
+    fast = {name: imaging._decode_small_jpeg(data, 32, 10**6) for name, data in _jpeg_variants()}
+    assert all(array is not None for array in fast.values()), [n for n, a in fast.items() if a is None]
+    monkeypatch.setattr(imaging, "simplejpeg", None)  # Pillow only
+    for name, data in _jpeg_variants():
+        assert np.array_equal(fast[name], decode_image(data, 32)), name
+
+
+def test_jpegs_that_could_decode_differently_go_through_pillow():
+    image = Image.effect_noise((40, 40), 60).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    refused = {"exif": _png(image, format="JPEG", exif=exif.tobytes()),
+               "cmyk": _png(image.convert("CMYK"), format="JPEG"),
+               "big enough for draft()": _png(image.resize((300, 300)), format="JPEG"),
+               "truncated": _png(image, format="JPEG")[:300],
+               "png": _png(image)}
+    for name, data in refused.items():
+        assert imaging._decode_small_jpeg(data, 32, 10**6) is None, name
+    assert decode_image(refused["exif"], 32).shape == (3, 32, 32)
+    with pytest.raises(ImageDecodeError, match="could not be decoded|not a readable"):
+        decode_image(refused["truncated"], 32)
