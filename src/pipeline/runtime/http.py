@@ -15,6 +15,7 @@ import asyncio
 import html
 import json
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -125,33 +126,20 @@ async def parse_uploads(request, body: bytes, field_name: str, limits: Limits) -
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        from starlette.datastructures import Headers, UploadFile
-        from starlette.formparsers import MultiPartException, MultiPartParser
-
-        async def replay():
-            yield body
-
-        parser = MultiPartParser(Headers(raw=request.headers.raw), replay(),
-                                 max_files=limits.max_batch_files + 1, max_fields=100,
-                                 max_part_size=limits.max_body_bytes)
-        try:
-            form = await parser.parse()
-        except MultiPartException as error:
-            raise RequestError(f"The multipart body could not be parsed: {error.message}") from None
-        try:
-            items = form.getlist(field_name)
-            uploads = []
-            for item in items:
-                if isinstance(item, UploadFile):
-                    uploads.append(Upload(_safe_name(item.filename), await item.read()))
-                else:
-                    raise RequestError(f"Form field {field_name!r} must be a file upload, not text.")
-            if not uploads:
-                found = ", ".join(repr(key) for key in form.keys()) or "none"
-                raise RequestError(f"The form has no file field {field_name!r} (fields found: {found}).")
-            return uploads
-        finally:
-            await form.close()
+        parts = split_plain_multipart(content_type, body, limits.max_batch_files + 1)
+        if parts is None:
+            parts = await _parse_multipart(request, body, field_name, limits)
+        uploads = []
+        for name, filename, data in parts:
+            if name != field_name:
+                continue
+            if filename is None:
+                raise RequestError(f"Form field {field_name!r} must be a file upload, not text.")
+            uploads.append(Upload(_safe_name(filename), data))
+        if not uploads:
+            found = ", ".join(dict.fromkeys(repr(name) for name, _, _ in parts)) or "none"
+            raise RequestError(f"The form has no file field {field_name!r} (fields found: {found}).")
+        return uploads
     if media_type.startswith("image/") or media_type == "application/octet-stream":
         if not body:
             raise RequestError("The request body is empty: send an image.")
@@ -161,6 +149,78 @@ async def parse_uploads(request, body: bytes, field_name: str, limits: Limits) -
         f"Unsupported content type {shown!r}: send multipart/form-data with a file field {field_name!r}, "
         "or the raw image with an image/* content type.", 415,
     )
+
+
+Part = tuple[str, Optional[str], bytes]  # field name, file name (None for a text field), data
+_BOUNDARY = re.compile(r";\s*boundary=(\"?)([0-9A-Za-z'()+_,\-./:=?]{1,70})\1\s*$", re.I)
+_DISPOSITION = re.compile(rb'form-data; name="([\x20-\x21\x23-\x5b\x5d-\x7e]*)"'
+                          rb'(?:; filename="([\x20-\x21\x23-\x5b\x5d-\x7e]*)")?', re.I)
+_PART_HEADER = re.compile(rb"[!#-'*+.0-9A-Z^-z|~-]+: ?[\x20-\x7e]*")
+
+
+def split_plain_multipart(content_type: str, body: bytes, max_parts: int) -> list[Part] | None:
+    """The parts of a multipart body written the plain way (as browsers, curl, requests and httpx
+    write it), in one pass of ``bytes.split``; ``None`` for anything else: quoted or escaped names,
+    non-ASCII or folded headers, padding after a delimiter, a preamble, more than ``max_parts``
+    parts. Those go to Starlette's parser, which reads every form the RFC allows but costs about
+    0.15 ms more per request (a sixth of what the service adds to a model call at one connection).
+    """
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        return None
+    dash = b"--" + match.group(2).encode()
+    if not body.startswith(dash + b"\r\n"):
+        return None
+    end = body.find(b"\r\n" + dash + b"--")
+    if end < 0:
+        return None
+    chunks = body[len(dash) + 2 : end].split(b"\r\n" + dash + b"\r\n")
+    if len(chunks) > max_parts or any(dash in chunk for chunk in chunks):
+        return None  # a delimiter written some other way: let the full parser decide
+    parts = []
+    for chunk in chunks:
+        head, blank, data = chunk.partition(b"\r\n\r\n")
+        if not blank:
+            return None
+        disposition = None
+        for line in head.split(b"\r\n"):
+            if not _PART_HEADER.fullmatch(line):
+                return None
+            if line[:20].lower() == b"content-disposition:":
+                disposition = _DISPOSITION.fullmatch(line[20:].strip())
+                if disposition is None:
+                    return None
+        if disposition is None:
+            return None
+        filename = disposition.group(2)
+        parts.append((disposition.group(1).decode(), None if filename is None else filename.decode(), data))
+    return parts
+
+
+async def _parse_multipart(request, body: bytes, field_name: str, limits: Limits) -> list[Part]:
+    """Every other multipart body, read by Starlette's parser (python-multipart)."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def replay():
+        yield body
+
+    parser = MultiPartParser(Headers(raw=request.headers.raw), replay(), max_files=limits.max_batch_files + 1,
+                             max_fields=100, max_part_size=limits.max_body_bytes)
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        raise RequestError(f"The multipart body could not be parsed: {error.message}") from None
+    try:
+        parts = []
+        for name, item in form.multi_items():
+            if isinstance(item, UploadFile):
+                parts.append((name, item.filename or "", await item.read()))
+            else:
+                parts.append((name, None, b""))
+        return parts
+    finally:
+        await form.close()
 
 
 def _safe_name(filename: str | None) -> str:
