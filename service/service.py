@@ -19,6 +19,7 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+from bentoml._internal.server.http import traffic as bentoml_traffic
 
 # The bento ships src/pipeline/runtime/ (everything the service runs, no torch) beside this folder.
 _SRC = Path(__file__).resolve().parent.parent / "src"
@@ -27,7 +28,7 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
 
 from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer, LazyExplainer  # noqa: E402
 from pipeline.runtime.http import (  # noqa: E402
-    Limits, MicroBatcher, RequestError, Route, Router, json_response, parse_uploads, read_body,
+    FirstByteDeadline, Limits, MicroBatcher, RequestError, Route, Router, json_response, parse_uploads, read_body,
 )
 from pipeline.runtime.imaging import ImageDecodeError, decode_image  # noqa: E402
 from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier  # noqa: E402
@@ -72,6 +73,12 @@ def load_packaged_model(folder: Path, expected: dict[str, str]) -> OnnxClassifie
 FOLLOW_EVENTS = bentoml.metrics.Counter(
     name="classifier_model_follow_events", documentation="Registry alias moves: swapped in, or refused",
     labelnames=["event"])
+
+
+# BentoML builds each worker's middleware stack after importing this module, taking its
+# TimeoutMiddleware from this module attribute: ours keeps the rule (504 when no answer has started
+# within traffic.timeout) without a live timer per request for 60 s (see FirstByteDeadline).
+bentoml_traffic.TimeoutMiddleware = FirstByteDeadline
 
 
 # The model routes are hot: OpenTelemetry spans cost ~0.1 ms a request and nothing exports them

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,71 @@ def test_plain_multipart_bodies_parse_as_starlette_parses_them(monkeypatch):
     assert fast[2] == "400 The form has no file field 'images' (fields found: 'image')."
     assert fast[3].startswith("400 Form field 'images' must be a file upload")
     assert fast[5] == [("q.jpg", b"odd"), ("r.jpg", b"more")]
+
+
+def _deadline_call(app, timeout: float) -> list[dict]:
+    import asyncio
+
+    from pipeline.runtime.http import FirstByteDeadline
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(FirstByteDeadline(app, timeout)({"type": "http", "path": "/", "headers": []}, receive, send))
+    return sent
+
+
+def test_a_request_with_no_answer_by_the_deadline_gets_a_504_and_its_work_is_cancelled():
+    import asyncio
+    import json
+
+    cancelled = []
+
+    async def stuck(scope, receive, send):
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    sent = _deadline_call(stuck, 0.05)
+    assert sent[0]["status"] == 504 and cancelled == [True]
+    assert "No answer within 0.05 s" in json.loads(sent[1]["body"])["error"]
+
+    async def slow_stream(scope, receive, send):  # started in time, finishes after the deadline: not cut
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(0.1)
+        await send({"type": "http.response.body", "body": b"done"})
+
+    assert [m.get("status", m.get("body")) for m in _deadline_call(slow_stream, 0.05)] == [200, b"done"]
+
+
+def test_the_deadline_leaves_no_timer_behind_and_replaces_bentomls():
+    """BentoML's TimeoutMiddleware kept a 60 s timer alive per request; the deadline cancels its own."""
+    import asyncio
+    import gc
+
+    from pipeline.runtime.http import FirstByteDeadline
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def many():
+        middleware = FirstByteDeadline(ok, 60)
+        for _ in range(200):
+            await middleware({"type": "http", "path": "/", "headers": []}, None, lambda m: asyncio.sleep(0))
+        return sum(isinstance(o, asyncio.TimerHandle) and not o.cancelled() for o in gc.get_objects())
+
+    assert asyncio.run(many()) == 0
+    code = ("import types, service.service; from bentoml._internal.server.base_app import BaseAppFactory; "
+            "stack = BaseAppFactory.middlewares.fget(types.SimpleNamespace(timeout=60, max_concurrency=None)); "
+            "print([m.cls.__name__ for m in stack])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "BENTOML_DO_NOT_TRACK": "true"})
+    assert result.stdout.strip() == "['FirstByteDeadline']", result.stderr[-2000:]
