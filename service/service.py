@@ -19,7 +19,6 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
-from bentoml._internal.server.http import traffic as bentoml_traffic
 
 # The bento ships src/pipeline/runtime/ (everything the service runs, no torch) beside this folder.
 _SRC = Path(__file__).resolve().parent.parent / "src"
@@ -78,7 +77,14 @@ FOLLOW_EVENTS = bentoml.metrics.Counter(
 # BentoML builds each worker's middleware stack after importing this module, taking its
 # TimeoutMiddleware from this module attribute: ours keeps the rule (504 when no answer has started
 # within traffic.timeout) without a live timer per request for 60 s (see FirstByteDeadline).
-bentoml_traffic.TimeoutMiddleware = FirstByteDeadline
+# A BentoML without that module keeps its own timeout handling; the service still starts.
+try:
+    from bentoml._internal.server.http import traffic as bentoml_traffic
+
+    bentoml_traffic.TimeoutMiddleware = FirstByteDeadline
+except ImportError:
+    print("This BentoML has no _internal.server.http.traffic: its own timeout handling stays "
+          "(see FirstByteDeadline for what that cost in 1.4).", file=sys.stderr)
 
 
 # The model routes are hot: OpenTelemetry spans cost ~0.1 ms a request and nothing exports them
