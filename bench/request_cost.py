@@ -1,6 +1,6 @@
 """What one /classify request costs the event loop, piece by piece, old way against new way.
 
-    .venv/bin/python bench/request_cost.py [--image some.jpg] [--rounds 2000]
+    .venv/bin/python bench/request_cost.py [--image some.jpg] [--rounds 2000] [--compare DIR]
 
 Side by side in one run, median of ``--rounds`` calls each:
   * decode: ``decode_image`` (small JPEGs through simplejpeg) against the Pillow-only path;
@@ -10,7 +10,8 @@ Side by side in one run, median of ``--rounds`` calls each:
 Each is timed twice: back to back ("hot"), and right after a model call ("after the model"),
 as in the service, where ONNX Runtime has just pushed the request path out of the CPU caches.
 The model is the packaged ``cifar4-classifier:latest`` (``BENTOML_HOME``); without one, a
-64 MB memory sweep stands in for it.
+64 MB memory sweep stands in for it. ``--compare DIR`` also decodes every JPEG under DIR both
+ways and counts the images whose pixels differ (it should be none).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", help="a JPEG (default: a 32x32 noise JPEG made here)")
     parser.add_argument("--rounds", type=int, default=2000)
+    parser.add_argument("--compare", help="a folder: decode every JPEG in it both ways and count differences")
     args = parser.parse_args()
 
     import bentoml
@@ -165,6 +167,20 @@ def main() -> None:
     console.print(table)
     console.print(f"live timers after 1,000 requests: BentoML's TimeoutMiddleware {live_theirs:,}, "
                   f"FirstByteDeadline {live_ours:,} (BentoML's each live for the 60 s timeout)")
+    if args.compare:
+        files = sorted(p for p in Path(args.compare).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+        taken = differ = 0
+        for path in files:
+            raw = path.read_bytes()
+            new = imaging.decode_image(raw, 32)
+            taken += imaging._decode_small_jpeg(raw, 32, imaging.DEFAULT_MAX_PIXELS) is not None
+            imaging.simplejpeg, saved = None, imaging.simplejpeg
+            try:
+                differ += not np.array_equal(new, imaging.decode_image(raw, 32))
+            finally:
+                imaging.simplejpeg = saved
+        console.print(f"{args.compare}: {len(files):,} JPEGs, {taken:,} through simplejpeg, {differ:,} with pixels "
+                      "that differ from Pillow's")
     import onnxruntime
     import PIL
     import starlette
