@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import io
 import os
@@ -47,6 +48,16 @@ def timed(fn, rounds: int, between=None) -> float:
         fn()
         times.append((time.perf_counter() - started) * 1e6)
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def pillow_path():
+    """``decode_image`` as it runs without simplejpeg."""
+    imaging.simplejpeg, saved = None, imaging.simplejpeg
+    try:
+        yield
+    finally:
+        imaging.simplejpeg = saved
 
 
 def flusher():
@@ -100,11 +111,8 @@ def main() -> None:
 
     # Decode: the same function with and without simplejpeg.
     def pillow_only():
-        imaging.simplejpeg, saved = None, imaging.simplejpeg
-        try:
+        with pillow_path():
             imaging.decode_image(data, 32)
-        finally:
-            imaging.simplejpeg = saved
 
     fast = imaging._decode_small_jpeg(data, 32, imaging.DEFAULT_MAX_PIXELS) is not None
     compare("decode" + ("" if fast else " (this image takes Pillow's path)"), pillow_only,
@@ -174,11 +182,8 @@ def main() -> None:
             raw = path.read_bytes()
             new = imaging.decode_image(raw, 32)
             taken += imaging._decode_small_jpeg(raw, 32, imaging.DEFAULT_MAX_PIXELS) is not None
-            imaging.simplejpeg, saved = None, imaging.simplejpeg
-            try:
+            with pillow_path():
                 differ += not np.array_equal(new, imaging.decode_image(raw, 32))
-            finally:
-                imaging.simplejpeg = saved
         console.print(f"{args.compare}: {len(files):,} JPEGs, {taken:,} through simplejpeg, {differ:,} with pixels "
                       "that differ from Pillow's")
     import onnxruntime

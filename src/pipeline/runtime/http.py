@@ -128,7 +128,7 @@ async def parse_uploads(request, body: bytes, field_name: str, limits: Limits) -
     if media_type == "multipart/form-data":
         parts = split_plain_multipart(content_type, body, limits.max_batch_files + 1)
         if parts is None:
-            parts = await _parse_multipart(request, body, field_name, limits)
+            parts = await _parse_multipart(request, body, limits)
         uploads = []
         for name, filename, data in parts:
             if name != field_name:
@@ -162,8 +162,8 @@ def split_plain_multipart(content_type: str, body: bytes, max_parts: int) -> lis
     """The parts of a multipart body written the plain way (as browsers, curl, requests and httpx
     write it), in one pass of ``bytes.split``; ``None`` for anything else: quoted or escaped names,
     non-ASCII or folded headers, padding after a delimiter, a preamble, more than ``max_parts``
-    parts. Those go to Starlette's parser, which reads every form the RFC allows but costs about
-    0.15 ms more per request (a sixth of what the service adds to a model call at one connection).
+    parts. Those go to Starlette's parser, which reads every form the RFC allows but costs 35-65 us
+    more per request (``bench/request_cost.py``).
     """
     match = _BOUNDARY.search(content_type)
     if match is None:
@@ -197,7 +197,7 @@ def split_plain_multipart(content_type: str, body: bytes, max_parts: int) -> lis
     return parts
 
 
-async def _parse_multipart(request, body: bytes, field_name: str, limits: Limits) -> list[Part]:
+async def _parse_multipart(request, body: bytes, limits: Limits) -> list[Part]:
     """Every other multipart body, read by Starlette's parser (python-multipart)."""
     from starlette.datastructures import Headers, UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
