@@ -39,9 +39,11 @@ UI_PAGE = Path(__file__).resolve().parent / "ui" / "index.html"
 INLINE_DECODE_BYTES = 256 * 1024  # smaller uploads decode on the event loop: a thread hop costs more
 
 ROUTES = [
-    Route("POST", "/classify", "classify", "Softmax probabilities for one image.",
+    Route("POST", "/classify", "classify", "Calibrated softmax probabilities for one image, and whether it looks "
+          "like none of the classes.",
           "Multipart field `image`, or the raw image as the body with an image/* content type.",
-          '{"label", "probabilities": {class: p}, "model": {name, version, run_id}}'),
+          '{"label", "probabilities": {class: p}, "out_of_scope": bool, "out_of_scope_score": float, '
+          '"model": {name, version, run_id}}'),
     Route("POST", "/classify_batch", "classify_batch", "Probabilities for several images, in order.",
           "Repeated multipart fields `images`.", '{"results": [answer of /classify, ...]}'),
     Route("POST", "/explain", "explain", "What the network sees: /classify's answer plus pictures.",
@@ -72,6 +74,13 @@ def load_packaged_model(folder: Path, expected: dict[str, str]) -> OnnxClassifie
 FOLLOW_EVENTS = bentoml.metrics.Counter(
     name="classifier_model_follow_events", documentation="Registry alias moves: swapped in, or refused",
     labelnames=["event"])
+# What users send, as the answers see it: a shift in incoming images shows as a shift in these.
+ANSWERS = bentoml.metrics.Counter(
+    name="classifier_answers", documentation="Answers by predicted label and out-of-scope flag",
+    labelnames=["label", "out_of_scope"])
+TOP_PROBABILITY = bentoml.metrics.Histogram(
+    name="classifier_top_probability", documentation="The answer's highest (calibrated) probability",
+    buckets=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
 
 
 # BentoML builds each worker's middleware stack after importing this module, taking its
@@ -117,8 +126,11 @@ class ImageClassifier:
         batch = SETTINGS.model_batch
 
         def predict(images: np.ndarray):
+            """One (N, classes + 1) array: the probabilities, then the out-of-scope score (NaN without one)."""
             served = self.served
-            return served.model.predict_proba(images, batch_size=batch), served
+            probabilities, scores = served.model.predict(images, batch_size=batch)
+            column = np.full(len(images), np.nan, np.float32) if scores is None else scores.astype(np.float32)
+            return np.column_stack([probabilities, column]), served
 
         self.batcher = MicroBatcher(predict, max_batch=batch)
         app.bind(self)
@@ -191,19 +203,26 @@ class ImageClassifier:
 
     @staticmethod
     def _answer(row: np.ndarray, served: Served) -> dict:
-        classes = served.model.classes
-        probabilities = {name: float(p) for name, p in zip(classes, row)}
-        return {"label": classes[int(row.argmax())], "probabilities": probabilities, "model": served.answer_info}
+        """``row``: the class probabilities, then the out-of-scope score (see ``predict``)."""
+        model = served.model
+        row, score = row[:-1], row[-1]
+        label = model.classes[int(row.argmax())]
+        flagged = bool(score > model.scope_threshold) if model.has_scope else None
+        ANSWERS.labels(label=label, out_of_scope=str(flagged).lower()).inc()
+        TOP_PROBABILITY.observe(float(row.max()))
+        return {"label": label, "probabilities": {name: float(p) for name, p in zip(model.classes, row)},
+                "out_of_scope": flagged, "out_of_scope_score": float(score) if model.has_scope else None,
+                "model": served.answer_info}
 
     async def classify(self, request):
         (array,) = await self._read_images(request, many=False)
-        probabilities, served = await self.batcher.submit(array[None])
-        return json_response(self._answer(probabilities[0], served))
+        rows, served = await self.batcher.submit(array[None])
+        return json_response(self._answer(rows[0], served))
 
     async def classify_batch(self, request):
         arrays = await self._read_images(request, many=True)
-        probabilities, served = await self.batcher.submit(np.stack(arrays))
-        return json_response({"results": [self._answer(row, served) for row in probabilities]})
+        rows, served = await self.batcher.submit(np.stack(arrays))
+        return json_response({"results": [self._answer(row, served) for row in rows]})
 
     async def explain(self, request):
         target = request.query_params.get("target")
@@ -216,9 +235,9 @@ class ImageClassifier:
         (array,) = await self._read_images(request, many=False)
         # The probabilities come from the same model and batcher as /classify, so they are identical;
         # the pictures come from the explain graph of the model that computed them.
-        probabilities, served = await self.batcher.submit(array[None])
-        answer = self._answer(probabilities[0], served)
-        index = served.model.classes.index(target) if target else int(probabilities[0].argmax())
+        rows, served = await self.batcher.submit(array[None])
+        answer = self._answer(rows[0], served)
+        index = served.model.classes.index(target) if target else served.model.classes.index(answer["label"])
         if served.explainer is None:
             raise RequestError(f"Model version {served.info.get('model_version')} has no explain graph.", 503)
         loop = asyncio.get_running_loop()

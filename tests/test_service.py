@@ -45,9 +45,30 @@ def test_probabilities_match_the_in_process_model(served, toy_folder):
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
         assert body["label"] == model.classes[int(expected.argmax())]
         assert body["model"]["name"] == "cifar4-classifier" and body["model"]["version"] == "1"
+        # The flag is the in-process score against the threshold stored with the model.
+        _, scores = model.predict(decode_image(data, model.image_size))
+        assert body["out_of_scope_score"] == pytest.approx(float(scores[0]), abs=1e-5)
+        assert body["out_of_scope"] is bool(scores[0] > model.scope_threshold)
         # The same bytes as a raw body give the same answer.
         raw = httpx.post(f"{url}/classify", content=data, headers={"Content-Type": "image/png"})
         assert raw.status_code == 200 and raw.json()["probabilities"] == body["probabilities"]
+
+
+def test_noise_is_flagged_out_of_scope_and_metrics_count_what_users_send(served, toy_folder):
+    url, _, _ = served
+    rng = np.random.default_rng(0)
+    noise = [encode(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "PNG") for _ in range(8)]
+    results = httpx.post(f"{url}/classify_batch", files=[("images", (f"{i}.png", d, "image/png"))
+                                                          for i, d in enumerate(noise)]).json()["results"]
+    toy = [httpx.post(f"{url}/classify", files={"image": p.open("rb")}).json() for p in toy_files(toy_folder)]
+    assert all(isinstance(r["out_of_scope"], bool) and isinstance(r["out_of_scope_score"], float)
+               for r in results + toy)
+    # Noise lies further from the training images than the toy images do (a 6-epoch LeNet on the toy set
+    # is too weak to flag it at the 95% threshold; test_training checks the flag rate on the champion).
+    assert min(r["out_of_scope_score"] for r in results) > np.median([r["out_of_scope_score"] for r in toy])
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'classifier_answers_total{label="' in metrics and 'out_of_scope="true"' in metrics
+    assert "classifier_top_probability_bucket" in metrics
 
 
 def test_the_model_classifies_the_toy_set(served, toy_folder):
@@ -200,3 +221,5 @@ def test_predict_writes_the_probabilities_classify_serves(served, toy_folder, tm
         assert row["label"] == served_answer["label"] and row["error"] == ""
         for label, probability in served_answer["probabilities"].items():
             assert abs(float(row[label]) - probability) <= 1e-6, (name, label)
+        assert row["out_of_scope"] == str(served_answer["out_of_scope"]).lower()
+        assert abs(float(row["out_of_scope_score"]) - served_answer["out_of_scope_score"]) <= 1e-5

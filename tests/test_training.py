@@ -22,7 +22,15 @@ TRAIN = ["--epochs", "8", "--set", "data.batch_size=32", "--set", "data.val_frac
 
 @pytest.fixture
 def trained(toy_folder, isolated_project):
-    assert main(["train", "--data", str(toy_folder), "--models", "lenet,resnet", *TRAIN]) == 0
+    # An evaluation folder of noise: none of the four classes, so it should be flagged out of scope.
+    noise = isolated_project / "noise" / "images"
+    noise.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise / f"{i}.png")
+    assert main(["train", "--data", str(toy_folder), "--models", "lenet,resnet", *TRAIN,
+                 "--set", f"evaluation.folders.noise={noise.parent}",
+                 "--set", f"evaluation.folders.toy={toy_folder}"]) == 0
     uri = f"sqlite:///{isolated_project / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
@@ -43,11 +51,17 @@ def test_training_logs_runs_models_and_champion(trained, toy_folder, isolated_pr
         assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 8
         assert len(client.get_metric_history(run.info.run_id, "train/lr")) == 8
         assert {"train/loss", "val/loss", "val/acc_cat", "best/val_acc_dog"} <= set(metrics)
+        # Calibration and the out-of-scope signal, measured before and after, on every split and folder.
+        assert {"temperature", "out_of_scope_threshold", "val_ece", "val_ece_uncalibrated", "test_nll",
+                "test_nll_uncalibrated", "test_brier", "test_out_of_scope_rate", "eval/toy/balanced_acc",
+                "eval/toy/ece", "eval/noise/out_of_scope_rate", "eval/noise/auroc_vs_test"} <= set(metrics)
+        assert metrics["val_nll"] <= metrics["val_nll_uncalibrated"] + 1e-9  # fitted there to lower it
+        assert metrics["val_out_of_scope_rate"] <= 0.1  # the threshold keeps 95% of validation in scope
         assert metrics["best_val_acc"] > 0.5, f"{family} did not learn the toy set (chance is 0.25)"
         assert metrics["test_acc"] > 0.5, f"{family} does not generalise to the held-out test split"
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
         assert artifacts == {"plots/confusion_matrix.png", "plots/learning_curves.png", "plots/mistakes.png",
-                             "plots/filters.png", "plots/feature_maps"}
+                             "plots/filters.png", "plots/feature_maps", "plots/reliability.png"}
         for name in artifacts - {"plots/filters.png", "plots/feature_maps"}:
             with Image.open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name)) as png:
                 assert png.format == "PNG" and png.width >= (200 if "mistakes" in name else 300)
@@ -65,6 +79,9 @@ def test_training_logs_runs_models_and_champion(trained, toy_folder, isolated_pr
 
     # The champion is the better run, and its model carries its metadata.
     best = max(runs.values(), key=lambda r: r.data.metrics["best_val_acc"])
+    # Noise is far from every training image in the champion's features: flagged, and ranked above the test split.
+    assert best.data.metrics["eval/noise/auroc_vs_test"] > 0.9
+    assert best.data.metrics["eval/noise/out_of_scope_rate"] > 0.5 > best.data.metrics["test_out_of_scope_rate"]
     champion = client.get_model_version_by_alias("cifar4-classifier", "champion")
     assert champion.run_id == best.info.run_id
     tags = champion.tags
@@ -75,18 +92,22 @@ def test_training_logs_runs_models_and_champion(trained, toy_folder, isolated_pr
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's "Model training" mode
     info = mlflow.models.get_model_info("models:/cifar4-classifier@champion")
     assert info.metadata["classes"] == ["bird", "boat", "cat", "dog"]
-    assert {"mean", "std", "image_size", "arch", "model_args"} <= set(info.metadata)
+    assert {"mean", "std", "image_size", "arch", "model_args", "temperature"} <= set(info.metadata)
+    assert info.metadata["out_of_scope"]["threshold"] == pytest.approx(best.data.metrics["out_of_scope_threshold"])
 
     # Loaded back through MLflow, without the training code: same probabilities as the trained net.
     data = load_image_folder(toy_folder, cache_dir=isolated_project / "cache")
     images = data.images[:40]
     pyfunc = mlflow.pyfunc.load_model("models:/cifar4-classifier@champion")
-    probabilities = pyfunc.predict(images.numpy().astype(np.float32) / 255.0)["probabilities"]
+    answer = pyfunc.predict(images.numpy().astype(np.float32) / 255.0)
+    probabilities = answer["probabilities"]
+    assert answer["out_of_scope_score"].shape == (40,)
     # The run logs its final weights (checkpoint.select: last).
     checkpoint = isolated_project / "checkpoints" / "cifar4" / best.info.run_id / "last.ckpt"
     net = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).model.eval()
     with torch.inference_mode():
-        expected = torch.softmax(net(images.float() / 255.0), dim=1).numpy()
+        # model.onnx divides the logits by the temperature fitted on the validation split.
+        expected = torch.softmax(net(images.float() / 255.0) / best.data.metrics["temperature"], dim=1).numpy()
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 

@@ -108,7 +108,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pipeline.data import DataError, load_image_folder, resolve_data_dir
-    from pipeline.evaluation import score
+    from pipeline.evaluation import calibration_scores, score
     from pipeline.runtime.onnx_model import OnnxClassifier
     from pipeline.tracking import setup_tracking
 
@@ -122,11 +122,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise DataError(f"Folder {str(folder)!r} has classes the model does not know: {', '.join(missing)}.")
     labels = np.array([model.classes.index(data.classes[i]) for i in data.labels.tolist()])
     started = time.perf_counter()
-    probabilities = model.predict_proba(data.images.numpy())
+    probabilities, scope_scores = model.predict(data.images.numpy())
     seconds = time.perf_counter() - started
     scores = score(probabilities, labels, model.classes)
+    calibration = calibration_scores(probabilities, labels)
+    flagged = model.out_of_scope(scope_scores)
     console.print(scores.table(f"{args.model} on {folder}: accuracy {scores.accuracy:.4f} "
                                f"({len(labels):,} images, {len(labels) / seconds:,.0f} img/s)"))
+    console.print(f"calibration: mean top probability {calibration['mean_confidence']:.4f} against accuracy "
+                  f"{calibration['acc']:.4f}; ECE {calibration['ece']:.4f}, NLL {calibration['nll']:.4f}, "
+                  f"Brier {calibration['brier']:.4f}"
+                  + ("" if flagged is None else f"; flagged out of scope: {np.mean(flagged):.1%}"))
     if args.log:
         import tempfile
 
@@ -135,7 +141,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate {Path(folder).name}") as run:
             mlflow.set_tags({"kind": "evaluation", "model": args.model, "data_dir": str(folder),
                              "data_fingerprint": data.fingerprint})
-            mlflow.log_metrics(scores.metrics("eval/"))
+            mlflow.log_metrics({**scores.metrics("eval/"), **{f"eval/{k}": v for k, v in calibration.items()},
+                                **({} if flagged is None else {"eval/out_of_scope_rate": float(np.mean(flagged))})})
             with tempfile.TemporaryDirectory() as tmp:
                 path = plot_confusion_matrix(scores.confusion, model.classes, Path(tmp) / "confusion_matrix.png",
                                              f"{args.model} on {folder}")
@@ -214,7 +221,7 @@ def _classify(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"{args.url}/classify")
-    for column in ("file", "label", "probability", "all probabilities"):
+    for column in ("file", "label", "probability", "out of scope", "all probabilities"):
         table.add_column(column)
     failed = 0
     with httpx.Client(base_url=args.url, timeout=60) as client:
@@ -225,15 +232,18 @@ def _classify(args: argparse.Namespace) -> int:
                     response = client.post("/classify", files={"image": (Path(path).name, handle, kind)})
                 body = response.json()
             except (OSError, httpx.HTTPError, ValueError) as error:
-                table.add_row(path, "[red]error[/]", "", str(error))
+                table.add_row(path, "[red]error[/]", "", "", str(error))
                 failed += 1
                 continue
             if response.status_code != 200:
-                table.add_row(path, f"[red]{response.status_code}[/]", "", body.get("error", ""))
+                table.add_row(path, f"[red]{response.status_code}[/]", "", "", body.get("error", ""))
                 failed += 1
                 continue
             ranked = sorted(body["probabilities"].items(), key=lambda kv: -kv[1])
+            scope = body.get("out_of_scope")
             table.add_row(path, body["label"], f"{ranked[0][1]:.2f}",
+                          "" if scope is None else f"{'[yellow]yes[/]' if scope else 'no'} "
+                                                   f"({body['out_of_scope_score']:.3f})",
                           "  ".join(f"{name} {p:.2f}" for name, p in ranked))
     console.print(table)
     return 1 if failed else 0

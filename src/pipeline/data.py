@@ -209,6 +209,48 @@ def augment_batch(images: torch.Tensor, padding: int = 4, flip: bool = True, pad
     return images
 
 
+def zoom_batch(images: torch.Tensor, min_area: float, max_aspect: float = 4 / 3,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random-resized crops of a whole batch: each image is cut to a random box of ``min_area``..1 of its area
+    and aspect ``1/max_aspect``..``max_aspect``, anywhere inside it, and scaled back to its size (bilinear).
+
+    Photographs frame their subject more loosely or tightly than CIFAR's crops and arrive through another
+    resize; this teaches the net those scales (see docs/trust.md for what it bought on photographs).
+    """
+    n, _, h, w = images.shape
+    device = images.device
+    area = min_area + (1.0 - min_area) * torch.rand(n, device=device, generator=generator)
+    log_aspect = (torch.rand(n, device=device, generator=generator) * 2 - 1) * float(np.log(max_aspect))
+    aspect = torch.exp(log_aspect)
+    sx = torch.sqrt(area * aspect).clamp(max=1.0)  # box width and height as fractions of the image
+    sy = torch.sqrt(area / aspect).clamp(max=1.0)
+    tx = (torch.rand(n, device=device, generator=generator) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(n, device=device, generator=generator) * 2 - 1) * (1 - sy)
+    theta = torch.zeros(n, 2, 3, device=device, dtype=images.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
+                                           align_corners=False)
+
+
+def color_jitter_batch(images: torch.Tensor, strength: float,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Brightness, contrast and saturation each scaled by a random factor in 1 +/- ``strength`` per image
+    (images in [0, 1]): cameras and lighting differ more than CIFAR's photographs show."""
+    n = images.shape[0]
+
+    def factor() -> torch.Tensor:
+        return 1.0 + (torch.rand(n, 1, 1, 1, device=images.device, generator=generator) * 2 - 1) * strength
+
+    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    images = images * factor()
+    grey = (images * weights).sum(1, keepdim=True)
+    images = grey + (images - grey) * factor()
+    mean = grey.mean(dim=(2, 3), keepdim=True)
+    images = mean + (images - mean) * factor()
+    return images.clamp(0.0, 1.0)
+
+
 def alternating_flip_mask(n: int, seed: int) -> torch.Tensor:
     """airbench's alternating flip: a seeded random half of the images is mirrored in epoch 0, the other
     half in epoch 1, and so on, so every image is seen both ways in any two epochs."""
@@ -292,6 +334,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         pad_mode: str = "constant",
         flip: bool | str = True,
         cutout: int = 0,
+        zoom: float = 0.0,
+        color_jitter: float = 0.0,
         on_bad_image: str = "error",
         cache_dir: str | None = None,
     ) -> None:
@@ -307,7 +351,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.data_dir = data_dir
         self.image_size, self.val_fraction, self.test_fraction, self.seed = image_size, val_fraction, test_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        if not 0.0 <= zoom < 1.0:
+            raise ValueError(f"data.zoom is the smallest crop area kept (0: off, e.g. 0.5), in [0, 1), got {zoom}")
+        if not 0.0 <= color_jitter < 1.0:
+            raise ValueError(f"data.color_jitter must be in [0, 1) (0: off), got {color_jitter}")
         self.crop_padding, self.pad_mode, self.flip, self.cutout = crop_padding, pad_mode, flip, cutout
+        self.zoom, self.color_jitter = zoom, color_jitter
         self.cache_dir, self.on_bad_image = cache_dir, on_bad_image
         self.skipped: list[str] = []
         self.augment_generator: Optional[torch.Generator] = None
@@ -443,7 +492,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         images, labels = batch
         images = images.float().div_(255.0)
         if self.trainer is not None and self.trainer.training:
+            if self.zoom:
+                images = zoom_batch(images, self.zoom, generator=self.augment_generator)
             images = augment_batch(images, self.crop_padding, self.flip is True, self.pad_mode, self.augment_generator)
+            if self.color_jitter:
+                images = color_jitter_batch(images, self.color_jitter, self.augment_generator)
             if self.cutout:
                 fill = torch.tensor(self.mean, device=images.device)
                 images = cutout_batch(images, self.cutout, fill, self.augment_generator)

@@ -1,8 +1,10 @@
-"""Accuracy, per-class accuracy and confusion matrix from predicted probabilities."""
+"""Scoring predicted probabilities: accuracy, per-class accuracy, confusion matrix, calibration (ECE, NLL,
+Brier, reliability), out-of-scope ranking (AUROC, false-positive rate) and extra evaluation folders."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from rich.table import Table
@@ -39,3 +41,109 @@ def score(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> 
     per_class = {name: float(confusion[i, i] / totals[i]) if totals[i] else float("nan")
                  for i, name in enumerate(classes)}
     return Scores(float((predicted == labels).mean()), per_class, confusion, list(classes))
+
+
+def calibration_scores(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, float]:
+    """Accuracy, mean top probability, ECE (``bins`` equal-width bins of the top probability), negative
+    log-likelihood and Brier score (sum over classes of the squared error, mean over images)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels)
+    top = probabilities.max(axis=1)
+    right = probabilities.argmax(axis=1) == labels
+    counts, confidence, accuracy = reliability(probabilities, labels, bins)
+    ece = float(np.sum(counts * np.abs(confidence - accuracy)) / max(1, len(labels)))
+    onehot = np.eye(probabilities.shape[1])[labels]
+    return {
+        "acc": float(right.mean()), "mean_confidence": float(top.mean()), "ece": ece,
+        "nll": float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean()),
+        "brier": float(((probabilities - onehot) ** 2).sum(axis=1).mean()),
+    }
+
+
+def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin of the top probability (equal width on [0, 1]): image count, mean top probability, accuracy
+    (0 where a bin is empty)."""
+    top = probabilities.max(axis=1)
+    right = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    which = np.clip((top * bins).astype(int), 0, bins - 1)
+    counts = np.bincount(which, minlength=bins).astype(np.float64)
+    safe = np.maximum(counts, 1)
+    confidence = np.bincount(which, weights=top, minlength=bins) / safe
+    accuracy = np.bincount(which, weights=right, minlength=bins) / safe
+    return counts, confidence, accuracy
+
+
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """How well an out-of-scope score (higher: more likely out of scope) ranks out-of-scope images above
+    in-scope ones: the Mann-Whitney U statistic over both sets (ties count half)."""
+    scores = np.concatenate([in_scores, out_scores])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    sorted_scores = scores[order]  # average ranks over ties
+    unique, start, count = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for s, c in zip(start[count > 1], count[count > 1]):
+        ranks[order[s : s + c]] = ranks[order[s : s + c]].mean()
+    n_in, n_out = len(in_scores), len(out_scores)
+    return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
+
+
+def fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, keep: float = 0.95) -> float:
+    """Share of out-of-scope images still answered when the threshold keeps ``keep`` of the in-scope ones."""
+    threshold = np.quantile(in_scores, keep)
+    return float((out_scores <= threshold).mean())
+
+
+@dataclass
+class EvalFolder:
+    """An extra evaluation folder: labelled (subfolders named after the model's classes) or out of scope."""
+
+    name: str
+    path: Path
+    images: np.ndarray  # (N, 3, H, W) uint8
+    labels: np.ndarray | None  # model class indices; None: every image is out of scope
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+
+def load_eval_folder(name: str, path: str | Path, classes: list[str], size: int) -> EvalFolder:
+    """Decode a folder for evaluation. Its subfolders all named after classes: labelled; otherwise every
+    image under it, at any depth, is taken as out of scope."""
+    from pipeline.data import load_image_folder
+    from pipeline.errors import DataError
+    from pipeline.predict import find_images
+    from pipeline.runtime.imaging import decode_image
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(f"Evaluation folder {name!r} ({str(path)!r}) does not exist or is not a folder.")
+    subfolders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    if subfolders and subfolders <= set(classes):
+        data = load_image_folder(path, size)
+        labels = np.array([classes.index(data.classes[i]) for i in data.labels.tolist()])
+        return EvalFolder(name, path, data.images.numpy(), labels)
+    images = np.stack([decode_image(file, size) for file in find_images(path)])
+    return EvalFolder(name, path, images, None)
+
+
+def folder_metrics(folder: EvalFolder, probabilities: np.ndarray, flagged: np.ndarray | None,
+                   classes: list[str]) -> dict[str, float]:
+    """``eval/<name>/...`` metrics: accuracy (overall, class-balanced, per class) and calibration for a
+    labelled folder; for every folder, the share of answers flagged out of scope."""
+    prefix = f"eval/{folder.name}/"
+    out: dict[str, float] = {f"{prefix}images": float(len(probabilities)),
+                             f"{prefix}mean_confidence": float(probabilities.max(axis=1).mean())}
+    if flagged is not None:
+        out[f"{prefix}out_of_scope_rate"] = float(np.mean(flagged))
+    if folder.labelled:
+        scores = score(probabilities, folder.labels, classes)
+        present = [name for name in classes if not np.isnan(scores.per_class[name])]
+        out[f"{prefix}acc"] = scores.accuracy
+        out[f"{prefix}balanced_acc"] = float(np.mean([scores.per_class[name] for name in present]))
+        out.update({f"{prefix}acc_{name}": scores.per_class[name] for name in present})
+        calibration = calibration_scores(probabilities, folder.labels)
+        out.update({f"{prefix}{key}": calibration[key] for key in ("ece", "nll", "brier")})
+    return out

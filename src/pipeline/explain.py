@@ -139,7 +139,8 @@ class ExplainNet(nn.Module):
         tta = getattr(self.classifier, "tta", 0)
         if tta:  # the probabilities are model.onnx's (averaged over the TTA views); the pictures are of the image
             logits = self.classifier.logits(images, tta)
-        return (torch.softmax(logits, dim=-1), responses, *maps, gradcam(x, grad))
+        probabilities = torch.softmax(logits / self.classifier.temperature, dim=-1)
+        return (probabilities, responses, *maps, gradcam(x, grad))
 
 
 def gradcam_autograd(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:

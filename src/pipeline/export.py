@@ -18,63 +18,80 @@ from torch import nn
 from pipeline.explain import export_checked_explain
 from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX
 from pipeline.models import build_model
-from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, OnnxClassifier
+from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, PROBABILITIES, SCOPE_SCORE, OnnxClassifier
+from pipeline.scope import Deployed
 
 WEIGHTS_FILE = "weights.pt"
 
 
-class WithSoftmax(nn.Module):
-    def __init__(self, classifier: nn.Module) -> None:
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier(image), dim=-1)
-
-
-def export_onnx(classifier: nn.Module, image_size: int, path: Path) -> Path:
-    """Export normalization + network + softmax, with a dynamic batch dimension."""
-    model = WithSoftmax(classifier).eval().to(memory_format=torch.contiguous_format).float().cpu()
+def export_onnx(deployed: nn.Module, image_size: int, path: Path) -> Path:
+    """Export normalization + network + TTA + temperature + softmax (and the out-of-scope score when given
+    a :class:`Deployed` with a scorer; a bare Classifier exports probabilities only), with a dynamic batch
+    dimension."""
+    if not isinstance(deployed, Deployed):
+        deployed = Deployed(deployed)
+    model = deployed.eval().to(memory_format=torch.contiguous_format).float().cpu()
     example = torch.rand(2, 3, image_size, image_size)
+    outputs = [PROBABILITIES] + ([SCOPE_SCORE] if deployed.scorer is not None else [])
     program = torch.onnx.export(
-        model, (example,), dynamo=True, input_names=["image"], output_names=["probabilities"],
+        model, (example,), dynamo=True, input_names=["image"], output_names=outputs,
         dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},), verbose=False,
     )
     program.save(str(path))
     return path
 
 
-def torch_probabilities(classifier: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    classifier = classifier.eval().cpu().float()
-    out = []
+def torch_outputs(deployed: nn.Module, images_uint8: torch.Tensor,
+                  batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
+    """What model.onnx gives for uint8 images, computed by torch: probabilities and out-of-scope scores
+    (None without a scorer)."""
+    if not isinstance(deployed, Deployed):
+        deployed = Deployed(deployed)
+    deployed = deployed.eval().cpu().float()
+    probabilities, scores = [], []
     with torch.inference_mode():
         for start in range(0, len(images_uint8), batch_size):
-            batch = images_uint8[start : start + batch_size].float().div(255.0)
-            out.append(torch.softmax(classifier(batch), dim=-1).numpy())
-    return np.concatenate(out)
+            out = deployed(images_uint8[start : start + batch_size].float().div(255.0))
+            probabilities.append((out[0] if isinstance(out, tuple) else out).numpy())
+            if isinstance(out, tuple):
+                scores.append(out[1].numpy())
+    if not probabilities:
+        return np.zeros((0, 0), np.float32), None
+    return np.concatenate(probabilities), np.concatenate(scores) if scores else None
+
+
+def torch_probabilities(classifier: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    return torch_outputs(classifier, images_uint8, batch_size)[0]
 
 
 def log_classifier(
-    classifier: nn.Module, metadata: dict[str, Any], example_images: torch.Tensor
+    deployed: Deployed, metadata: dict[str, Any], example_images: torch.Tensor
 ) -> tuple[str, dict[str, float]]:
     """Log the model to the active MLflow run: model.onnx, classifier.json, weights.pt, and the explain
     graph (explain.onnx + explain.json) checked against model.onnx and torch autograd, so that packaging
     only copies. Returns (model_uri, the checks' largest differences)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        onnx_path = export_onnx(classifier, int(metadata["image_size"]), folder / ONNX_FILE)
+        classifier = deployed.classifier
+        onnx_path = export_onnx(deployed, int(metadata["image_size"]), folder / ONNX_FILE)
         meta_path = folder / METADATA_FILE
         meta_path.write_text(json.dumps(metadata, indent=2))
         # The state_dict too (tensors only, loadable with weights_only=True): packaging checks
         # ONNX against a rebuilt torch net, and tools that need torch layers can use it.
         weights_path = folder / WEIGHTS_FILE
         torch.save(classifier.state_dict(), weights_path)
-        expected = torch_probabilities(classifier, example_images)
+        expected, expected_scores = torch_outputs(deployed, example_images)
         onnx_model = OnnxClassifier(onnx_path, metadata)
-        max_diff = float(np.abs(expected - onnx_model.predict_proba(example_images.numpy())).max())
+        probabilities, scores = onnx_model.predict(example_images.numpy())
+        max_diff = float(np.abs(expected - probabilities).max())
         if max_diff > 1e-5:
             raise RuntimeError(f"ONNX export disagrees with torch by {max_diff:.2e} (> 1e-5)")
         checks = {"onnx_max_abs_diff": max_diff}
+        if expected_scores is not None:
+            checks["onnx_scope_score_max_abs_diff"] = float(np.abs(expected_scores - scores).max())
+            if checks["onnx_scope_score_max_abs_diff"] > 1e-4:
+                raise RuntimeError(f"ONNX out-of-scope scores disagree with torch by "
+                                   f"{checks['onnx_scope_score_max_abs_diff']:.2e} (> 1e-4)")
         extra_files = [str(meta_path), str(weights_path)]
         try:
             checks.update(export_checked_explain(classifier, onnx_model, example_images[:16], folder))
@@ -86,7 +103,8 @@ def log_classifier(
             onnx.load(str(onnx_path)),
             name="model",
             input_example=example,
-            signature=infer_signature(example, expected[:2]),
+            signature=infer_signature(example, expected[:2] if expected_scores is None else
+                                      {PROBABILITIES: expected[:2], SCOPE_SCORE: expected_scores[:2]}),
             metadata=metadata,
             extra_files=extra_files,
             save_as_external_data=False,
@@ -100,6 +118,7 @@ def rebuild_classifier(weights_path: Path, metadata: dict[str, Any]) -> nn.Modul
     from pipeline.module import Classifier
 
     net = build_model(metadata["arch"], len(metadata["classes"]), **metadata.get("model_args", {}))
-    classifier = Classifier(net, metadata["mean"], metadata["std"], tta=int(metadata.get("tta", 0)))
+    classifier = Classifier(net, metadata["mean"], metadata["std"], tta=int(metadata.get("tta", 0)),
+                            temperature=float(metadata.get("temperature", 1.0)))
     classifier.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return classifier.eval()

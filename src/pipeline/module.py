@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from pipeline.models import build_model
-from pipeline.recipe import Lookahead, lr_factor, optimizer_groups, tta_logits
+from pipeline.recipe import Lookahead, lr_factor, optimizer_groups, tta_logits, tta_views
 
 RECIPES = ("sgd", "airbench")
 
@@ -32,16 +32,20 @@ RECIPES = ("sgd", "airbench")
 class Classifier(nn.Module):
     """Normalization + network: takes float images in [0, 1], returns logits.
 
-    This is the deployable unit: exported to ONNX (with a softmax) it needs nothing
-    from the training code.
+    This is the deployable unit: exported to ONNX (with its temperature and a softmax) it needs
+    nothing from the training code. ``temperature`` divides the logits before the softmax; it is
+    fitted on the validation split after training (:mod:`pipeline.calibration`) and travels in the
+    model's metadata, not in the state_dict.
     """
 
-    def __init__(self, net: nn.Module, mean: list[float], std: list[float], tta: int = 0) -> None:
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], tta: int = 0,
+                 temperature: float = 1.0) -> None:
         super().__init__()
         self.net = net
         self.tta = int(tta)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits; in eval mode averaged over the TTA views (``self.tta``)."""
@@ -49,6 +53,37 @@ class Classifier(nn.Module):
 
     def logits(self, images: torch.Tensor, tta: int) -> torch.Tensor:
         return tta_logits(self.net, (images - self.mean) / self.std, tta)
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate features ``(N, D)`` and logits, both averaged over the TTA views, in one net call.
+
+        The head's last layers (a linear layer, maybe a constant scale) are affine with weights that sum
+        to 1 over the views, so the logits of the averaged features are the averaged logits: the same
+        numbers as :meth:`forward` in eval mode.
+        """
+        stacked, weights = tta_views((images - self.mean) / self.std, self.tta)
+        body, tail = split_head(self.net)
+        features = body(stacked).reshape(len(weights), images.shape[0], -1)
+        weight = torch.tensor(weights, dtype=features.dtype, device=features.device)
+        features = (features * weight[:, None, None]).sum(0)
+        return features, tail(features)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Calibrated softmax probabilities: what model.onnx, /classify and every report give."""
+        return torch.softmax(self(images) / self.temperature, dim=-1)
+
+
+def split_head(net: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(everything up to the penultimate features, the rest): the net's named stages and head
+    (``explain_stages`` / ``explain_head``) cut before the head's last linear layer."""
+    if not hasattr(net, "explain_stages"):
+        raise ValueError(f"{type(net).__name__} does not name its stages (explain_stages/explain_head).")
+    head = list(net.explain_head())
+    linear = [i for i, layer in enumerate(head) if isinstance(layer, nn.Linear)]
+    if not linear:
+        raise ValueError(f"{type(net).__name__}'s head has no linear layer.")
+    body = nn.Sequential(*[stage for _, stage in net.explain_stages()], *head[: linear[-1]])
+    return body, nn.Sequential(*head[linear[-1]:])
 
 
 class ImageClassifier(L.LightningModule):

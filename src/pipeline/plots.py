@@ -78,3 +78,37 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndar
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path, title: str = "",
+                     bins: int = 15) -> Path:
+    """One panel per split: accuracy against mean top probability in ``bins`` equal-width bins, after
+    calibration (bars, with the image count on each) and before (line); the diagonal is perfect."""
+    from pipeline.evaluation import calibration_scores, reliability
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 5), dpi=100, squeeze=False)
+    edges = np.linspace(0, 1, bins + 1)
+    for ax, (split, (before, after, labels)) in zip(axes[0], curves.items()):
+        counts, _, accuracy = reliability(after, labels, bins)
+        b_counts, b_conf, b_acc = reliability(before, labels, bins)
+        ax.bar(edges[:-1], np.where(counts > 0, accuracy, 0), width=1 / bins, align="edge", alpha=0.7,
+               edgecolor="black", label="calibrated")
+        for left, count, acc in zip(edges[:-1], counts, accuracy):
+            if count:
+                ax.text(left + 0.5 / bins, min(acc, 0.93) + 0.02, f"{int(count)}", ha="center", fontsize=6,
+                        rotation=90)
+        seen = b_counts > 0
+        ax.plot(b_conf[seen], b_acc[seen], "o-", color="tab:red", markersize=3, label="before calibration")
+        ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1)
+        ece_before, ece_after = calibration_scores(before, labels)["ece"], calibration_scores(after, labels)["ece"]
+        ax.set_title(f"{split}: ECE {ece_before:.3f} -> {ece_after:.3f} ({len(labels):,} images)", fontsize=10)
+        ax.set_xlabel("top probability")
+        ax.set_ylabel("accuracy (bar labels: images in the bin)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.05)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title or "reliability")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

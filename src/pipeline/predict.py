@@ -56,7 +56,9 @@ def _decode(path: Path, size: int) -> np.ndarray | str:
 
 
 def predict_folder(model: OnnxClassifier, root: str | Path, out: str | Path, threads: int = 2) -> Predicted:
-    """Write ``out`` (CSV): path (relative to ``root``), label, probability of each class, error."""
+    """Write ``out`` (CSV): path (relative to ``root``), label, probability of each class, out_of_scope
+    (true/false), out_of_scope_score, error. The two out-of-scope columns are empty for a model without
+    the score, and for a file that does not decode."""
     root, out = Path(root), Path(out)
     files = find_images(root)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,22 +68,25 @@ def predict_folder(model: OnnxClassifier, root: str | Path, out: str | Path, thr
     with open(out, "w", newline="") as handle, ThreadPoolExecutor(threads) as pool, \
             Progress(*columns, transient=False) as progress:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", *model.classes, "error"])
+        writer.writerow(["path", "label", *model.classes, "out_of_scope", "out_of_scope_score", "error"])
         task = progress.add_task("predict", total=len(files), rate="")
         for start in range(0, len(files), CHUNK):
             chunk = files[start : start + CHUNK]
             decoded = list(pool.map(lambda p: _decode(p, model.image_size), chunk))
             good = [i for i, item in enumerate(decoded) if isinstance(item, np.ndarray)]
-            probabilities = model.predict_proba(np.stack([decoded[i] for i in good])) if good else None
-            rows = {i: row for i, row in zip(good, probabilities if probabilities is not None else [])}
+            probabilities, scores = model.predict(np.stack([decoded[i] for i in good])) if good else (None, None)
+            flagged = model.out_of_scope(scores)
+            rows = {i: j for j, i in enumerate(good)}
             for i, path in enumerate(chunk):
                 name = path.relative_to(root).as_posix()
                 if i in rows:
-                    row = rows[i]
-                    writer.writerow([name, model.classes[int(row.argmax())], *(f"{p:.8f}" for p in row), ""])
+                    row = probabilities[rows[i]]
+                    scope = ["", ""] if scores is None else [str(bool(flagged[rows[i]])).lower(),
+                                                             f"{scores[rows[i]]:.6f}"]
+                    writer.writerow([name, model.classes[int(row.argmax())], *(f"{p:.8f}" for p in row), *scope, ""])
                 else:
                     failed += 1
-                    writer.writerow([name, "", *([""] * len(model.classes)), decoded[i]])
+                    writer.writerow([name, "", *([""] * len(model.classes)), "", "", decoded[i]])
             done = start + len(chunk)
             rate = (done - failed) / max(time.perf_counter() - started, 1e-9)
             progress.update(task, completed=done, rate=f"{rate:,.0f} img/s")

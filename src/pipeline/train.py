@@ -26,10 +26,11 @@ from pipeline.config import flatten
 from pipeline.data import ImageFolderDataModule, resolve_data_dir
 from pipeline.datasets import log_split_inputs
 from pipeline.evaluation import score
-from pipeline.export import log_classifier, torch_probabilities
+from pipeline.export import log_classifier, torch_outputs
 from pipeline.models import count_parameters
 from pipeline.module import ImageClassifier
 from pipeline.explain import save_pictures
+from pipeline.trust import make_trustworthy
 from pipeline.progress import EpochLines, progress_callback
 from pipeline.runtime.registry import CHECKSUM_TAG, file_checksums
 from pipeline.plots import plot_confusion_matrix, plot_learning_curves, plot_mistakes
@@ -263,17 +264,18 @@ def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpo
         chosen = str(Path(checkpoint.dirpath) / "last.ckpt")
     best = ImageClassifier.load_from_checkpoint(chosen, map_location="cpu", weights_only=True)
     classifier = best.model.eval().float()
-    val_probs = torch_probabilities(classifier, dm.val_images.cpu())
+    deployed, trust = make_trustworthy(config, classifier, dm)
+    val_probs, _ = torch_outputs(deployed, dm.val_images.cpu())
     scores = score(val_probs, dm.val_labels.cpu().numpy(), dm.classes)
     tta = f", TTA level {classifier.tta}" if classifier.tta else ""
     console.print(scores.table(f"{family}: {select} checkpoint{tta}, validation accuracy {scores.accuracy:.4f}"))
     test_scores = None
     if dm.test_images is not None:
-        test_scores = score(torch_probabilities(classifier, dm.test_images.cpu()), dm.test_labels.cpu().numpy(),
-                            dm.classes)
+        test_probs, _ = torch_outputs(deployed, dm.test_images.cpu())
+        test_scores = score(test_probs, dm.test_labels.cpu().numpy(), dm.classes)
         console.print(test_scores.table(f"{family}: test split ({len(dm.test_labels):,} images never used for "
                                         f"training or selection){tta}, accuracy {test_scores.accuracy:.4f}"))
-
+    console.print(trust.table(family))
     metadata: dict[str, Any] = {
         "classes": dm.classes, "image_size": int(config["data"]["image_size"]),
         "mean": dm.mean, "std": dm.std, "arch": config["model"]["arch"],
@@ -281,7 +283,10 @@ def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpo
         "run_id": run_id, "val_acc": scores.accuracy, "tta": classifier.tta,
         "test_acc": None if test_scores is None else test_scores.accuracy,
         "input": "float32 (N, 3, H, W) RGB in [0, 1]",
-        "output": "softmax probabilities (N, classes)", "data_fingerprint": dm.fingerprint,
+        "output": "calibrated softmax probabilities (N, classes); out_of_scope_score (N,): higher is further "
+                  "from the training images",
+        "data_fingerprint": dm.fingerprint, "temperature": trust.temperature,
+        "out_of_scope": trust.scope_metadata,
     }
     mlflow.set_tracking_uri(client.tracking_uri)
     with mlflow.start_run(run_id=run_id):
@@ -289,11 +294,13 @@ def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpo
                             **scores.metrics("best/val_")})
         if test_scores is not None:
             mlflow.log_metrics({"test_acc": test_scores.accuracy, **test_scores.metrics("best/test_")})
+        mlflow.log_metrics(trust.metrics)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             plot_confusion_matrix(scores.confusion, dm.classes, folder / "confusion_matrix.png",
                                   f"{family}: validation, best epoch (acc {scores.accuracy:.3f})")
             plot_learning_curves(metric_history(client, run_id), folder / "learning_curves.png", family)
+            trust.plot(folder / "reliability.png", family)
             val_images = dm.val_images.cpu()
             plot_mistakes(val_images.numpy(), dm.val_labels.cpu().numpy(), val_probs, dm.classes,
                           folder / "mistakes.png", title=f"{family}: most confident validation mistakes")
@@ -303,7 +310,7 @@ def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpo
             except ValueError as error:  # a network without named stages: the run still finishes
                 console.print(f"[yellow]No feature-map pictures for {family}:[/] {error}")
             mlflow.log_artifacts(str(folder), artifact_path="plots")
-        model_uri, checks = log_classifier(classifier, metadata, dm.val_images[:256].cpu())
+        model_uri, checks = log_classifier(deployed, metadata, dm.val_images[:256].cpu())
         mlflow.log_metrics(checks)
         mlflow.set_tag("model_uri", model_uri)
         # sha256 of the files as stored: a service that follows the registry checks its downloads against them.

@@ -1,8 +1,10 @@
 """Run an exported classifier with ONNX Runtime: no torch, no training code, no pickles.
 
-A model folder holds ``model.onnx`` (normalization, network and softmax in one graph,
-input ``image``: float32 ``(N, 3, H, W)`` in [0, 1]) and ``classifier.json`` (class names,
-input size, normalization, architecture and its constructor arguments).
+A model folder holds ``model.onnx`` (normalization, network, TTA, temperature and softmax in one
+graph, input ``image``: float32 ``(N, 3, H, W)`` in [0, 1]; outputs ``probabilities`` and, for
+models trained since it exists, ``out_of_scope_score``) and ``classifier.json`` (class names, input
+size, normalization, architecture and its constructor arguments, the temperature, and the
+out-of-scope threshold).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 
 METADATA_FILE = "classifier.json"
 ONNX_FILE = "model.onnx"
+PROBABILITIES = "probabilities"
+SCOPE_SCORE = "out_of_scope_score"
 
 
 class ModelError(RuntimeError):
@@ -53,6 +57,13 @@ class OnnxClassifier:
                 f"{len(self.classes)}: {self.classes}."
             )
         self.input_name = self.session.get_inputs()[0].name
+        names = [output.name for output in outputs]
+        scope = metadata.get("out_of_scope") or {}
+        # Models logged before the out-of-scope score have one output and no threshold: answers then carry
+        # null for both fields rather than a made-up flag.
+        self.has_scope = SCOPE_SCORE in names and "threshold" in scope
+        self.scope_threshold = float(scope["threshold"]) if self.has_scope else None
+        self.output_names = [names[0]] + ([SCOPE_SCORE] if self.has_scope else [])
 
     @classmethod
     def from_dir(cls, directory: str | Path, threads: int | None = None, spinning: bool = True) -> "OnnxClassifier":
@@ -65,12 +76,26 @@ class OnnxClassifier:
 
         return cls.from_dir(mlflow.artifacts.download_artifacts(model_uri), threads)
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """uint8 ``(N, 3, H, W)`` images -> float32 ``(N, classes)`` softmax probabilities."""
+    def predict(self, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 ``(N, 3, H, W)`` images -> float32 ``(N, classes)`` calibrated softmax probabilities and
+        ``(N,)`` out-of-scope scores (None for a model without them)."""
         if images.ndim == 3:
             images = images[None]
-        out = []
+        probabilities, scores = [], []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].astype(np.float32) / np.float32(255.0)
-            out.append(self.session.run(None, {self.input_name: batch})[0])
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+            out = self.session.run(self.output_names, {self.input_name: batch})
+            probabilities.append(out[0])
+            if self.has_scope:
+                scores.append(out[1])
+        if not probabilities:
+            return np.zeros((0, len(self.classes)), np.float32), (np.zeros(0, np.float32) if self.has_scope else None)
+        return np.concatenate(probabilities), (np.concatenate(scores) if self.has_scope else None)
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """uint8 ``(N, 3, H, W)`` images -> float32 ``(N, classes)`` softmax probabilities."""
+        return self.predict(images, batch_size)[0]
+
+    def out_of_scope(self, scores: np.ndarray | None) -> np.ndarray | None:
+        """True where a score is over the threshold stored with the model (None without one)."""
+        return None if scores is None else scores > self.scope_threshold

@@ -1,0 +1,73 @@
+"""The out-of-scope signal: how far an image's penultimate features lie from the training images'.
+
+The score is 1 - the cosine similarity to the k-th nearest of a bank of training images' features
+(Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors"). The bank sits in
+``model.onnx`` as a constant, so the service, ``pipeline predict`` and ``pipeline evaluate`` all get
+the score from the graph and stay torch-free. The threshold keeps ``keep`` (95%) of the validation
+split in scope; it is stored in ``classifier.json``. docs/trust.md has the measurements behind it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class NearestNeighbourScore(nn.Module):
+    """``(N, D)`` features -> ``(N,)`` out-of-scope scores: 1 - cosine similarity to the k-th nearest bank row."""
+
+    def __init__(self, bank: torch.Tensor, k: int) -> None:
+        super().__init__()
+        if not 1 <= k <= len(bank):
+            raise ValueError(f"out_of_scope.k must be between 1 and the bank size {len(bank)}, got {k}")
+        self.k = int(k)
+        self.register_buffer("bank", nn.functional.normalize(bank.float(), dim=1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        similarity = nn.functional.normalize(features, dim=1) @ self.bank.T
+        return 1.0 - torch.topk(similarity, self.k, dim=1).values[:, -1]
+
+
+class Deployed(nn.Module):
+    """What model.onnx computes: calibrated probabilities and, with a scorer, the out-of-scope score."""
+
+    def __init__(self, classifier: nn.Module, scorer: NearestNeighbourScore | None = None) -> None:
+        super().__init__()
+        self.classifier, self.scorer = classifier, scorer
+
+    def forward(self, images: torch.Tensor):
+        if self.scorer is None:
+            return self.classifier.probabilities(images)
+        features, logits = self.classifier.features_and_logits(images)
+        probabilities = torch.softmax(logits / self.classifier.temperature, dim=-1)
+        return probabilities, self.scorer(features)
+
+
+@torch.inference_mode()
+def features(classifier: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Penultimate features (TTA-averaged, as the exported graph computes them) of uint8 images."""
+    classifier = classifier.eval()
+    out = [classifier.features_and_logits(images_uint8[i : i + batch_size].float() / 255)[0]
+           for i in range(0, len(images_uint8), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def bank_rows(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Which training images go into the bank: all when there are at most ``size``, else a seeded sample."""
+    if n <= size:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
+def knn_scores(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """numpy twin of :class:`NearestNeighbourScore`, for trying settings on saved features."""
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True).clip(1e-12)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(1e-12)
+    similarity = queries @ bank.T
+    return 1.0 - np.partition(similarity, -k, axis=1)[:, -k]
+
+
+def threshold_for(scores: np.ndarray, keep: float = 0.95) -> float:
+    """The score below which ``keep`` of these (in-scope validation) images fall."""
+    return float(np.quantile(np.asarray(scores, np.float64), keep))

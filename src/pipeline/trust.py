@@ -1,0 +1,149 @@
+"""After training: make a run's answers mean what they say, and measure how far they can be trusted.
+
+1. Fit a temperature on the validation split (:mod:`pipeline.calibration`): model.onnx divides the
+   TTA-averaged logits by it before the softmax.
+2. Put a bank of training images' penultimate features into the graph (:mod:`pipeline.scope`) and
+   set the out-of-scope threshold that keeps ``out_of_scope.keep`` of the validation split in scope.
+3. Report, before and after calibration, ECE, NLL and Brier score on the validation and test splits,
+   the share of each split flagged, and the same on every ``evaluation.folders`` entry, with the
+   AUROC of the out-of-scope score between the in-scope and out-of-scope sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from pipeline.calibration import fit_temperature
+from pipeline.evaluation import (
+    EvalFolder, auroc, calibration_scores, folder_metrics, fpr_at_tpr, load_eval_folder,
+)
+from pipeline.scope import Deployed, NearestNeighbourScore, bank_rows, features, threshold_for
+
+SCORE_NAME = "knn-cosine"
+
+
+@dataclass
+class Outputs:
+    """TTA-averaged logits and penultimate features of one image set."""
+
+    logits: np.ndarray
+    features: torch.Tensor
+
+    def probabilities(self, temperature: float = 1.0) -> np.ndarray:
+        z = self.logits / temperature
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+@torch.inference_mode()
+def outputs(classifier: torch.nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> Outputs:
+    logits, feats = [], []
+    for start in range(0, len(images_uint8), batch_size):
+        f, z = classifier.features_and_logits(images_uint8[start : start + batch_size].float() / 255)
+        logits.append(z.double().numpy())
+        feats.append(f)
+    return Outputs(np.concatenate(logits), torch.cat(feats))
+
+
+@dataclass
+class TrustReport:
+    temperature: float
+    scope_metadata: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # split -> before/after/labels
+
+    def table(self, family: str) -> Table:
+        m = self.metrics
+        table = Table(title=f"{family}: calibration (temperature {self.temperature:.3f}) and out-of-scope "
+                            f"(threshold {self.scope_metadata['threshold']:.4f})")
+        for column in ("split", "acc", "ECE before", "ECE", "NLL before", "NLL", "flagged out of scope"):
+            table.add_column(column, justify="right")
+        for split in ("val", "test"):
+            if f"{split}_ece" in m:
+                table.add_row(split, f"{m[f'{split}_acc_calibrated']:.4f}", f"{m[f'{split}_ece_uncalibrated']:.4f}",
+                              f"{m[f'{split}_ece']:.4f}", f"{m[f'{split}_nll_uncalibrated']:.4f}",
+                              f"{m[f'{split}_nll']:.4f}", f"{m[f'{split}_out_of_scope_rate']:.3f}")
+        names = sorted({key.split("/")[1] for key in m if key.startswith("eval/")})
+        for name in names:
+            get = lambda key: m.get(f"eval/{name}/{key}")  # noqa: E731
+            acc = get("balanced_acc")
+            table.add_row(name, "" if acc is None else f"{acc:.4f} (balanced)", "",
+                          "" if get("ece") is None else f"{get('ece'):.4f}", "",
+                          "" if get("nll") is None else f"{get('nll'):.4f}",
+                          f"{get('out_of_scope_rate'):.3f}"
+                          + ("" if get("auroc_vs_test") is None else f" (AUROC vs test {get('auroc_vs_test'):.3f})"))
+        return table
+
+    def plot(self, path: Path, family: str) -> Path:
+        from pipeline.plots import plot_reliability
+
+        return plot_reliability(self.curves, path, f"{family}: reliability (T = {self.temperature:.3f})")
+
+
+def make_trustworthy(config: dict, classifier: torch.nn.Module, dm) -> tuple[Deployed, TrustReport]:
+    """Calibrate ``classifier`` in place, build its out-of-scope scorer, and measure both."""
+    classifier = classifier.eval().float().cpu()
+    scope_config = config.get("out_of_scope") or {}
+    keep = float(scope_config.get("keep", 0.95))
+    val_labels = dm.val_labels.cpu().numpy()
+    val = outputs(classifier, dm.val_images.cpu())
+    fit = bool((config.get("calibration") or {}).get("temperature", True))
+    temperature = fit_temperature(val.logits, val_labels) if fit else 1.0
+    classifier.temperature.fill_(temperature)
+
+    rows = bank_rows(len(dm.train_labels), int(scope_config.get("bank_size", 4000)), int(config.get("seed", 0)))
+    scorer = NearestNeighbourScore(features(classifier, dm.train_images[rows].cpu()),
+                                   min(int(scope_config.get("k", 10)), len(rows)))
+    with torch.inference_mode():
+        val_scores = scorer(val.features).numpy()
+    threshold = threshold_for(val_scores, keep)
+    report = TrustReport(temperature, {"score": SCORE_NAME, "k": scorer.k, "bank_size": len(rows),
+                                       "keep": keep, "threshold": threshold})
+    metrics = report.metrics
+    metrics.update({"temperature": temperature, "out_of_scope_threshold": threshold})
+
+    in_scope_scores: dict[str, np.ndarray] = {}
+    splits = {"val": (val, val_labels, val_scores)}
+    if dm.test_images is not None:
+        test = outputs(classifier, dm.test_images.cpu())
+        with torch.inference_mode():
+            splits["test"] = (test, dm.test_labels.cpu().numpy(), scorer(test.features).numpy())
+    for split, (out, labels, scores) in splits.items():
+        before, after = calibration_scores(out.probabilities(), labels), calibration_scores(
+            out.probabilities(temperature), labels)
+        metrics.update({f"{split}_{key}_uncalibrated": before[key] for key in ("ece", "nll", "brier",
+                                                                                "mean_confidence")})
+        metrics.update({f"{split}_{key}": after[key] for key in ("ece", "nll", "brier", "mean_confidence")})
+        metrics[f"{split}_acc_calibrated"] = after["acc"]
+        metrics[f"{split}_out_of_scope_rate"] = float(np.mean(scores > threshold))
+        report.curves[split] = (out.probabilities(), out.probabilities(temperature), labels)
+        in_scope_scores[split] = scores
+
+    folders = (config.get("evaluation") or {}).get("folders") or {}
+    loaded: list[tuple[EvalFolder, np.ndarray]] = []
+    for name, path in folders.items():
+        folder = load_eval_folder(name, path, dm.classes, int(config["data"]["image_size"]))
+        out = outputs(classifier, torch.from_numpy(folder.images))
+        with torch.inference_mode():
+            scores = scorer(out.features).numpy()
+        metrics.update(folder_metrics(folder, out.probabilities(temperature), scores > threshold, dm.classes))
+        if folder.labelled:
+            in_scope_scores[name] = scores
+        loaded.append((folder, scores))
+    for folder, scores in loaded:
+        if folder.labelled:
+            continue
+        for name, inside in in_scope_scores.items():
+            if name == "val":
+                continue
+            metrics[f"eval/{folder.name}/auroc_vs_{name}"] = auroc(inside, scores)
+            metrics[f"eval/{folder.name}/fpr_at_95_vs_{name}"] = fpr_at_tpr(inside, scores)
+    return Deployed(classifier, scorer), report
+

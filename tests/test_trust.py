@@ -1,0 +1,120 @@
+"""Calibrated probabilities and the out-of-scope score: the pieces, checked against what they promise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.calibration import fit_temperature
+from pipeline.evaluation import auroc, calibration_scores, fpr_at_tpr
+from pipeline.models import MODELS, build_model
+from pipeline.module import Classifier
+from pipeline.scope import Deployed, NearestNeighbourScore, features, knn_scores, threshold_for
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sampled_labels(probabilities: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    cumulative = probabilities.cumsum(axis=1)
+    return (rng.random((len(probabilities), 1)) > cumulative).sum(axis=1)
+
+
+def test_the_fitted_temperature_is_the_one_that_made_the_labels():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (20000, 4))
+    labels = sampled_labels(softmax(logits / 2.0), rng)  # labels drawn as a model with T = 2 would say
+    temperature = fit_temperature(logits, labels)
+    assert temperature == pytest.approx(2.0, rel=0.05)
+    before = calibration_scores(softmax(logits), labels)
+    after = calibration_scores(softmax(logits / temperature), labels)
+    assert before["mean_confidence"] > before["acc"] + 0.05  # overconfident before
+    assert after["ece"] < 0.015 < 0.05 < before["ece"]
+    assert after["nll"] < before["nll"] and after["brier"] < before["brier"]
+    assert after["acc"] == before["acc"]  # one temperature never changes the answer
+
+
+def test_auroc_and_the_false_positive_rate_count_what_they_say():
+    rng = np.random.default_rng(1)
+    inside = rng.integers(0, 20, 300).astype(float)  # many ties
+    outside = rng.integers(5, 30, 200).astype(float)
+    pairs = (outside[None, :] > inside[:, None]).mean() + 0.5 * (outside[None, :] == inside[:, None]).mean()
+    assert auroc(inside, outside) == pytest.approx(pairs)
+    assert auroc(np.zeros(5), np.ones(5)) == 1.0 and auroc(np.ones(5), np.zeros(5)) == 0.0
+    threshold = np.quantile(inside, 0.95)
+    assert fpr_at_tpr(inside, outside) == pytest.approx((outside <= threshold).mean())
+    assert np.mean(inside <= threshold_for(inside, 0.95)) >= 0.95
+
+
+@pytest.mark.parametrize("arch,args", [("lenet", {}), ("vgg", {"cfg": "airbench", "widths": [8, 16, 16]}),
+                                       ("vgg", {"cfg": "small"}), ("resnet", {"variant": "resnet9",
+                                                                              "widths": [8, 16, 16]}),
+                                       ("resnet", {"variant": "cifar", "depth": 8})])
+@pytest.mark.parametrize("tta", [0, 1, 2])
+def test_features_and_logits_give_the_logits_of_every_family(arch, args, tta):
+    """The graph computes the TTA logits from averaged penultimate features in one net call: the same
+    numbers as the net's own forward."""
+    assert arch in MODELS
+    torch.manual_seed(0)
+    classifier = Classifier(build_model(arch, 4, **args), [0.5] * 3, [0.25] * 3, tta=tta).eval()
+    images = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        feats, logits = classifier.features_and_logits(images)
+        expected = classifier(images)
+    assert feats.ndim == 2 and feats.shape[0] == 6
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_exported_graph_gives_calibrated_probabilities_and_scores(tmp_path):
+    from pipeline.export import export_onnx, torch_outputs
+    from pipeline.runtime.onnx_model import OnnxClassifier
+
+    torch.manual_seed(0)
+    classifier = Classifier(build_model("lenet", 4), [0.5] * 3, [0.25] * 3, tta=1, temperature=0.5).eval()
+    bank_images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    scorer = NearestNeighbourScore(features(classifier, bank_images), k=1)
+    deployed = Deployed(classifier, scorer)
+    path = export_onnx(deployed, 32, tmp_path / "model.onnx")
+    metadata = {"classes": ["bird", "boat", "cat", "dog"], "image_size": 32,
+                "out_of_scope": {"score": "knn-cosine", "k": 1, "threshold": 0.01}}
+    model = OnnxClassifier(path, metadata)
+    probe = torch.cat([bank_images[:5], torch.full((3, 3, 32, 32), 255, dtype=torch.uint8)])
+    probabilities, scores = model.predict(probe.numpy())
+    expected, expected_scores = torch_outputs(deployed, probe)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-4)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    # Calibration is inside the graph: the temperature sharpens the net's own softmax.
+    with torch.no_grad():
+        raw = torch.softmax(classifier(probe.float() / 255), dim=1).numpy()
+    np.testing.assert_allclose(probabilities, softmax(np.log(raw) / 0.5), atol=1e-5)
+    # A bank image is its own nearest neighbour: score ~0, in scope; the same numpy rule agrees.
+    assert np.all(scores[:5] < 1e-4) and not model.out_of_scope(scores[:5]).any()
+    bank = scorer.bank.numpy()
+    np.testing.assert_allclose(knn_scores(bank, features(classifier, probe).numpy(), 1), scores, atol=1e-4)
+    # A model without the threshold in its metadata answers None rather than a made-up flag.
+    bare = OnnxClassifier(path, {k: v for k, v in metadata.items() if k != "out_of_scope"})
+    assert bare.predict(probe.numpy())[1] is None and bare.out_of_scope(None) is None
+    json.dumps(metadata)  # what classifier.json holds is plain JSON
+
+
+def test_zoom_and_colour_jitter_keep_images_in_range_and_are_off_at_zero():
+    from pipeline.data import color_jitter_batch, zoom_batch
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 3, 32, 32, generator=generator)
+    zoomed = zoom_batch(images, 0.5, generator=generator)
+    assert zoomed.shape == images.shape and 0 <= zoomed.min() and zoomed.max() <= 1
+    assert not torch.allclose(zoomed, images)
+    # A full-size box with no aspect change is the image itself.
+    same = zoom_batch(images, 0.999999, max_aspect=1.0, generator=generator)
+    torch.testing.assert_close(same, images, atol=1e-4, rtol=0)
+    jittered = color_jitter_batch(images, 0.3, generator)
+    assert jittered.shape == images.shape and 0 <= jittered.min() and jittered.max() <= 1
+    torch.testing.assert_close(color_jitter_batch(images, 0.0, generator), images)
