@@ -83,6 +83,7 @@ def train_and_dump(args: argparse.Namespace) -> None:
         for i, view in enumerate(_views(other, 32)):
             run(f"other{i}", view, floats=True)
     np.savez_compressed(args.out, **out)
+    torch.save(classifier.state_dict(), Path(args.out).with_suffix(".pt"))
     val_acc = (out["val_logits"].argmax(1) == out["val_labels"]).mean()
     print(f"{args.out}: {seconds:.0f} s, val acc {val_acc:.4f}")
 

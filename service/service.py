@@ -2,16 +2,18 @@
 and the /ui page.
 
 The routes are one table (``ROUTES``) served by a small ASGI router (``pipeline.runtime.http``)
-mounted on the BentoML service: every route takes the same short path, every error is
-``{"error": ...}`` JSON, and ``/api/docs`` and ``/api/openapi.json`` are made from the same
-table. BentoML keeps /readyz, /livez, /metrics and its own page at /. To add a route, add a
-line to ``ROUTES`` and a method of that name to ``ImageClassifier``.
+mounted on the BentoML service: every route takes the same short path and every error is
+``{"error": ...}`` JSON. The same table is published in BentoML's ``/schema.json`` and ``/docs.json``
+(:func:`publish_routes`), so BentoML's clients call every route by name and its page at ``/`` lists
+them. BentoML keeps /readyz, /livez and /metrics. To add a route, add a line to ``ROUTES`` and a
+method of that name to ``ImageClassifier``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +29,8 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
 
 from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer, LazyExplainer  # noqa: E402
 from pipeline.runtime.http import (  # noqa: E402
-    FirstByteDeadline, Limits, MicroBatcher, RequestError, Route, Router, json_response, parse_uploads, read_body,
+    FILE, Field, FirstByteDeadline, Limits, MicroBatcher, RequestError, Route, Router, json_response, parse_uploads,
+    read_body,
 )
 from pipeline.runtime.imaging import ImageDecodeError, decode_image  # noqa: E402
 from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier  # noqa: E402
@@ -38,22 +41,36 @@ SETTINGS = Settings.from_env()
 UI_PAGE = Path(__file__).resolve().parent / "ui" / "index.html"
 INLINE_DECODE_BYTES = 256 * 1024  # smaller uploads decode on the event loop: a thread hop costs more
 
+PROBABILITIES = {"type": "object", "additionalProperties": {"type": "number"},
+                 "description": "class -> calibrated probability; they sum to 1"}
+ANSWER = {"type": "object", "required": ["label", "probabilities", "out_of_scope", "out_of_scope_score", "model"],
+          "properties": {
+              "label": {"type": "string", "description": "the most probable class"},
+              "probabilities": PROBABILITIES,
+              "out_of_scope": {"type": ["boolean", "null"],
+                               "description": "true: the image looks like none of the classes (null: the model "
+                                              "has no out-of-scope score)"},
+              "out_of_scope_score": {"type": ["number", "null"], "description": "higher: further from the "
+                                     "training images; flagged over the threshold stored with the model"},
+              "model": {"type": "object", "description": "name, version and run of the model that answered"}}}
+IMAGE = Field("image", FILE, "JPEG, PNG, WebP, BMP or GIF (the raw image as the body with an image/* content "
+                             "type works too)")
 ROUTES = [
-    Route("POST", "/classify", "classify", "Calibrated softmax probabilities for one image, and whether it looks "
-          "like none of the classes.",
-          "Multipart field `image`, or the raw image as the body with an image/* content type.",
-          '{"label", "probabilities": {class: p}, "out_of_scope": bool, "out_of_scope_score": float, '
-          '"model": {name, version, run_id}}'),
-    Route("POST", "/classify_batch", "classify_batch", "Probabilities for several images, in order.",
-          "Repeated multipart fields `images`.", '{"results": [answer of /classify, ...]}'),
-    Route("POST", "/explain", "explain", "What the network sees: /classify's answer plus pictures.",
-          "Like /classify; `?target=CLASS` picks the Grad-CAM class (default: the predicted one).",
-          "Feature maps per stage, first-layer filters and responses, hand-made kernels, Grad-CAM (PNG, base64)."),
-    Route("GET", "/model", "describe", "The served model's metadata: classes, normalization, origin, batch "
-          "counters, and with CLASSIFIER_FOLLOW the registry status (version, last refusal, server reachable)."),
-    Route("GET", "/ui", "ui", "A page to drop an image on and see what the network sees."),
-    Route("GET", "/api/openapi.json", "openapi", "This table as an OpenAPI document."),
-    Route("GET", "/api/docs", "docs", "This table as a page."),
+    Route("POST", "/classify", "classify", "Calibrated probabilities for one image, and whether it looks like "
+          "none of the classes.", name="classify", fields=(IMAGE,), output=ANSWER),
+    Route("POST", "/classify_batch", "classify_batch", "Answers for several images, in order.",
+          name="classify_batch", fields=(Field("images", {"type": "array", "items": FILE}, "the images"),),
+          output={"type": "object", "properties": {"results": {"type": "array", "items": ANSWER}}}),
+    Route("POST", "/explain", "explain", "What the network sees: /classify's answer plus feature maps, "
+          "first-layer filters and responses, hand-made kernels and Grad-CAM (PNG, base64).", name="explain",
+          fields=(IMAGE, Field("target", {"type": "string"}, "the class whose Grad-CAM to draw (default: the "
+                               "predicted one; also ?target=CLASS)", required=False)),
+          output={"type": "object", "description": "the /classify answer plus the pictures"}),
+    Route("GET", "/model", "describe", "The served model's metadata: classes, normalization, calibration "
+          "temperature, out-of-scope threshold, origin, batch counters, and with CLASSIFIER_FOLLOW the registry "
+          "status.", name="model"),
+    Route("GET", "/ui", "ui", "A page to drop an image on and see what the network sees.", name="ui",
+          output={"type": "string"}, media_type="text/html"),
 ]
 app = Router(ROUTES, title="Image classifier")
 
@@ -184,9 +201,9 @@ class ImageClassifier:
     def _decode(self, upload) -> np.ndarray:
         return decode_image(upload.data, self.served.model.image_size, self.limits.max_pixels, name=upload.name)
 
-    async def _read_images(self, request, many: bool) -> list[np.ndarray]:
+    async def _read_images(self, request, many: bool, text: dict | None = None) -> list[np.ndarray]:
         body = await read_body(request, self.limits)
-        uploads = await parse_uploads(request, body, "images" if many else "image", self.limits)
+        uploads = await parse_uploads(request, body, "images" if many else "image", self.limits, text)
         if len(uploads) > (self.limits.max_batch_files if many else 1):
             allowed = self.limits.max_batch_files if many else 1
             raise RequestError(f"{len(uploads)} files sent; at most {allowed} allowed in one request.",
@@ -225,14 +242,20 @@ class ImageClassifier:
         return json_response({"results": [self._answer(row, served) for row in rows]})
 
     async def explain(self, request):
-        target = request.query_params.get("target")
-        classes = self.served.model.classes
-        if target is not None and target not in classes:
-            raise RequestError(f"Unknown target class {target!r}: choose one of {', '.join(classes)}.")
         if self.served.explainer is None:
             raise RequestError(f"Model version {self.served.info.get('model_version')} has no explain graph: "
                                "run `make package` again.", 503)
-        (array,) = await self._read_images(request, many=False)
+        fields: dict[str, str] = {}
+        (array,) = await self._read_images(request, many=False, text=fields)
+        target = request.query_params.get("target") or fields.get("target") or None
+        if target and target.startswith('"'):  # BentoML's clients send text fields as JSON
+            try:
+                target = json.loads(target)
+            except ValueError:
+                pass
+        classes = self.served.model.classes
+        if target is not None and target not in classes:
+            raise RequestError(f"Unknown target class {target!r}: choose one of {', '.join(classes)}.")
         # The probabilities come from the same model and batcher as /classify, so they are identical;
         # the pictures come from the explain graph of the model that computed them.
         rows, served = await self.batcher.submit(array[None])
@@ -255,10 +278,32 @@ class ImageClassifier:
 
         return HTMLResponse(UI_PAGE.read_text(encoding="utf-8"))
 
-    async def openapi(self, request):
-        return json_response(app.openapi())
 
-    async def docs(self, request):
-        from starlette.responses import HTMLResponse
+def publish_routes(service, router: Router) -> None:
+    """BentoML's ``/schema.json`` (which its clients read to build their methods) and ``/docs.json`` (behind
+    its page at ``/``) describe only ``@bentoml.api`` methods. The routes are served by the router for
+    speed, so they are added to both from the same table: ``bentoml.SyncHTTPClient(url).classify(image=path)``
+    then works, and the page at ``/`` lists every route. Dispatch does not change."""
+    import attr
+    from bentoml._internal.service.openapi.specification import PathItem
+    from bentoml._internal.utils.cattr import bentoml_cattr
 
-        return HTMLResponse(app.docs_page())
+    base = type(service)
+
+    class PublishedService(base):
+        __slots__ = ()
+
+        def schema(self) -> dict:
+            schema = base.schema(self)
+            return {**schema, "routes": router.bentoml_routes() + list(schema.get("routes", []))}
+
+        @property
+        def openapi_spec(self):
+            spec = base.openapi_spec.fget(self)
+            paths = {path: bentoml_cattr.structure(item, PathItem) for path, item in router.openapi_paths().items()}
+            return attr.evolve(spec, paths={**spec.paths, **paths})
+
+    service.__class__ = PublishedService
+
+
+publish_routes(ImageClassifier, app)

@@ -150,8 +150,47 @@ def test_model_endpoint_and_bentoml_pages(served):
     info = httpx.get(f"{url}/model").json()
     assert info["classes"] == model.classes and info["registered_model"] == "cifar4-classifier"
     assert {"mean", "std", "image_size", "arch", "model_args", "run_id", "val_acc"} <= set(info)
-    for path in ("/livez", "/metrics", "/", "/api/docs"):
+    assert {"temperature", "out_of_scope"} <= set(info) and info["out_of_scope"]["keep"] == 0.95
+    for path in ("/livez", "/metrics", "/", "/docs.json", "/schema.json"):
         assert httpx.get(f"{url}{path}").status_code == 200, path
+
+
+def test_bentoml_clients_call_every_route_by_name(served, toy_folder):
+    """BentoML's own clients read /schema.json and get the same answers as a plain multipart POST."""
+    import asyncio
+
+    import bentoml
+
+    url, model, _ = served
+    first, second = toy_files(toy_folder)[:2]
+
+    def posted(path: Path) -> dict:
+        return httpx.post(f"{url}/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")}).json()
+
+    def close(a: dict, b: dict) -> bool:
+        return a["label"] == b["label"] and all(abs(a["probabilities"][k] - b["probabilities"][k]) <= 1e-6
+                                                for k in model.classes)
+
+    with bentoml.SyncHTTPClient(url) as client:
+        assert {"classify", "classify_batch", "explain", "model", "ui"} <= set(client.endpoints)
+        assert close(client.classify(image=first), posted(first))
+        batch = client.classify_batch(images=[first, second])["results"]
+        assert close(batch[0], posted(first)) and close(batch[1], posted(second))
+        assert client.model()["classes"] == model.classes
+        explained = client.explain(image=first, target="dog")
+        assert explained["saliency"]["class"] == "dog" and close(explained, posted(first))
+
+    async def call_async() -> dict:
+        async with bentoml.AsyncHTTPClient(url) as client:
+            return await client.classify(image=second)
+
+    assert close(asyncio.run(call_async()), posted(second))
+    # One description per route, from the one table: BentoML's schema and its OpenAPI document.
+    routes = {r["name"]: r for r in httpx.get(f"{url}/schema.json").json()["routes"]}
+    assert routes["classify"]["route"] == "/classify" and routes["classify"]["input"]["properties"]["image"]["type"] == "file"
+    docs = httpx.get(f"{url}/docs.json").json()["paths"]
+    assert {"/classify", "/classify_batch", "/explain", "/model", "/ui"} <= set(docs)
+    assert "multipart/form-data" in docs["/classify"]["post"]["requestBody"]["content"]
 
 
 def test_classify_command_prints_a_table(served, toy_folder, capsys):

@@ -118,3 +118,23 @@ def test_zoom_and_colour_jitter_keep_images_in_range_and_are_off_at_zero():
     jittered = color_jitter_batch(images, 0.3, generator)
     assert jittered.shape == images.shape and 0 <= jittered.min() and jittered.max() <= 1
     torch.testing.assert_close(color_jitter_batch(images, 0.0, generator), images)
+
+
+def test_the_energy_score_in_the_graph_is_minus_the_logsumexp_of_the_calibrated_logits(tmp_path):
+    from pipeline.export import export_onnx
+    from pipeline.runtime.onnx_model import OnnxClassifier
+    from pipeline.scope import EnergyScore
+
+    torch.manual_seed(1)
+    classifier = Classifier(build_model("resnet", 4, variant="resnet9", widths=[8, 16, 16]), [0.5] * 3, [0.25] * 3,
+                            tta=1, temperature=1.7).eval()
+    path = export_onnx(Deployed(classifier, EnergyScore()), 32, tmp_path / "model.onnx")
+    model = OnnxClassifier(path, {"classes": ["bird", "boat", "cat", "dog"], "image_size": 32,
+                                  "out_of_scope": {"score": "energy", "threshold": 0.0}})
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    probabilities, scores = model.predict(images.numpy())
+    with torch.no_grad():
+        calibrated = classifier(images.float() / 255) / 1.7
+    np.testing.assert_allclose(scores, -torch.logsumexp(calibrated, 1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(probabilities, torch.softmax(calibrated, 1).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(model.out_of_scope(scores), scores > 0.0)

@@ -1,10 +1,16 @@
-"""The out-of-scope signal: how far an image's penultimate features lie from the training images'.
+"""The out-of-scope signal: a score per image, higher meaning further from what the net was trained on.
 
-The score is 1 - the cosine similarity to the k-th nearest of a bank of training images' features
-(Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors"). The bank sits in
-``model.onnx`` as a constant, so the service, ``pipeline predict`` and ``pipeline evaluate`` all get
-the score from the graph and stay torch-free. The threshold keeps ``keep`` (95%) of the validation
-split in scope; it is stored in ``classifier.json``. docs/trust.md has the measurements behind it.
+Two scores, chosen with ``out_of_scope.score`` (docs/trust.md has the measurements behind the default):
+
+- ``energy`` (Liu et al. 2020): minus the log-sum-exp of the calibrated logits. An image that excites
+  none of the classes' evidence much has a high energy. Free: no parameters, nothing stored.
+- ``knn``: 1 - the cosine similarity to the k-th nearest of a bank of training images' penultimate
+  features (Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors"). The bank
+  sits in ``model.onnx`` as a constant.
+
+Either way the score is an output of ``model.onnx``, so the service, ``pipeline predict`` and
+``pipeline evaluate`` all get it from the graph and stay torch-free. The threshold keeps ``keep``
+(95%) of the validation split in scope; it is stored in ``classifier.json``.
 """
 
 from __future__ import annotations
@@ -14,8 +20,22 @@ import torch
 from torch import nn
 
 
+SCORES = ("energy", "knn")
+
+
+class EnergyScore(nn.Module):
+    """``(N, classes)`` calibrated logits -> ``(N,)`` scores: minus their log-sum-exp."""
+
+    name = "energy"
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return -torch.logsumexp(logits, dim=1)
+
+
 class NearestNeighbourScore(nn.Module):
     """``(N, D)`` features -> ``(N,)`` out-of-scope scores: 1 - cosine similarity to the k-th nearest bank row."""
+
+    name = "knn"
 
     def __init__(self, bank: torch.Tensor, k: int) -> None:
         super().__init__()
@@ -24,7 +44,7 @@ class NearestNeighbourScore(nn.Module):
         self.k = int(k)
         self.register_buffer("bank", nn.functional.normalize(bank.float(), dim=1))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         similarity = nn.functional.normalize(features, dim=1) @ self.bank.T
         return 1.0 - torch.topk(similarity, self.k, dim=1).values[:, -1]
 
@@ -32,7 +52,7 @@ class NearestNeighbourScore(nn.Module):
 class Deployed(nn.Module):
     """What model.onnx computes: calibrated probabilities and, with a scorer, the out-of-scope score."""
 
-    def __init__(self, classifier: nn.Module, scorer: NearestNeighbourScore | None = None) -> None:
+    def __init__(self, classifier: nn.Module, scorer: nn.Module | None = None) -> None:
         super().__init__()
         self.classifier, self.scorer = classifier, scorer
 
@@ -40,8 +60,8 @@ class Deployed(nn.Module):
         if self.scorer is None:
             return self.classifier.probabilities(images)
         features, logits = self.classifier.features_and_logits(images)
-        probabilities = torch.softmax(logits / self.classifier.temperature, dim=-1)
-        return probabilities, self.scorer(features)
+        calibrated = logits / self.classifier.temperature
+        return torch.softmax(calibrated, dim=-1), self.scorer(features, calibrated)
 
 
 @torch.inference_mode()

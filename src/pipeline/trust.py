@@ -2,8 +2,9 @@
 
 1. Fit a temperature on the validation split (:mod:`pipeline.calibration`): model.onnx divides the
    TTA-averaged logits by it before the softmax.
-2. Put a bank of training images' penultimate features into the graph (:mod:`pipeline.scope`) and
-   set the out-of-scope threshold that keeps ``out_of_scope.keep`` of the validation split in scope.
+2. Add the out-of-scope score to the graph (:mod:`pipeline.scope`: the energy of the calibrated logits,
+   or the distance to a bank of training images' features) and set the threshold that keeps
+   ``out_of_scope.keep`` of the validation split in scope.
 3. Report, before and after calibration, ECE, NLL and Brier score on the validation and test splits,
    the share of each split flagged, and the same on every ``evaluation.folders`` entry, with the
    AUROC of the out-of-scope score between the in-scope and out-of-scope sets.
@@ -23,9 +24,7 @@ from pipeline.calibration import fit_temperature
 from pipeline.evaluation import (
     EvalFolder, auroc, calibration_scores, folder_metrics, fpr_at_tpr, load_eval_folder,
 )
-from pipeline.scope import Deployed, NearestNeighbourScore, bank_rows, features, threshold_for
-
-SCORE_NAME = "knn-cosine"
+from pipeline.scope import SCORES, Deployed, EnergyScore, NearestNeighbourScore, bank_rows, features, threshold_for
 
 
 @dataclass
@@ -98,14 +97,25 @@ def make_trustworthy(config: dict, classifier: torch.nn.Module, dm) -> tuple[Dep
     temperature = fit_temperature(val.logits, val_labels) if fit else 1.0
     classifier.temperature.fill_(temperature)
 
-    rows = bank_rows(len(dm.train_labels), int(scope_config.get("bank_size", 4000)), int(config.get("seed", 0)))
-    scorer = NearestNeighbourScore(features(classifier, dm.train_images[rows].cpu()),
-                                   min(int(scope_config.get("k", 10)), len(rows)))
-    with torch.inference_mode():
-        val_scores = scorer(val.features).numpy()
+    kind = str(scope_config.get("score", "energy"))
+    if kind not in SCORES:
+        raise ValueError(f"out_of_scope.score must be one of {', '.join(SCORES)}, got {kind!r}")
+    described: dict[str, Any] = {"score": kind, "keep": keep}
+    if kind == "knn":
+        rows = bank_rows(len(dm.train_labels), int(scope_config.get("bank_size", 4000)), int(config.get("seed", 0)))
+        scorer = NearestNeighbourScore(features(classifier, dm.train_images[rows].cpu()),
+                                       min(int(scope_config.get("k", 10)), len(rows)))
+        described.update(k=scorer.k, bank_size=len(rows))
+    else:
+        scorer = EnergyScore()
+
+    def scope_scores(out: Outputs) -> np.ndarray:
+        with torch.inference_mode():
+            return scorer(out.features, torch.from_numpy(out.logits / temperature).float()).numpy()
+
+    val_scores = scope_scores(val)
     threshold = threshold_for(val_scores, keep)
-    report = TrustReport(temperature, {"score": SCORE_NAME, "k": scorer.k, "bank_size": len(rows),
-                                       "keep": keep, "threshold": threshold})
+    report = TrustReport(temperature, {**described, "threshold": threshold})
     metrics = report.metrics
     metrics.update({"temperature": temperature, "out_of_scope_threshold": threshold})
 
@@ -113,8 +123,7 @@ def make_trustworthy(config: dict, classifier: torch.nn.Module, dm) -> tuple[Dep
     splits = {"val": (val, val_labels, val_scores)}
     if dm.test_images is not None:
         test = outputs(classifier, dm.test_images.cpu())
-        with torch.inference_mode():
-            splits["test"] = (test, dm.test_labels.cpu().numpy(), scorer(test.features).numpy())
+        splits["test"] = (test, dm.test_labels.cpu().numpy(), scope_scores(test))
     for split, (out, labels, scores) in splits.items():
         before, after = calibration_scores(out.probabilities(), labels), calibration_scores(
             out.probabilities(temperature), labels)
@@ -131,8 +140,7 @@ def make_trustworthy(config: dict, classifier: torch.nn.Module, dm) -> tuple[Dep
     for name, path in folders.items():
         folder = load_eval_folder(name, path, dm.classes, int(config["data"]["image_size"]))
         out = outputs(classifier, torch.from_numpy(folder.images))
-        with torch.inference_mode():
-            scores = scorer(out.features).numpy()
+        scores = scope_scores(out)
         metrics.update(folder_metrics(folder, out.probabilities(temperature), scores > threshold, dm.classes))
         if folder.labelled:
             in_scope_scores[name] = scores

@@ -12,7 +12,6 @@ route gets the same short path (no middleware stack), the OpenAPI document and t
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import logging
 import re
@@ -121,8 +120,10 @@ async def read_body(request, limits: Limits) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def parse_uploads(request, body: bytes, field_name: str, limits: Limits) -> list[Upload]:
-    """Images from a multipart form field ``field_name``, or the raw body when it is an image type."""
+async def parse_uploads(request, body: bytes, field_name: str, limits: Limits,
+                        text: Optional[dict[str, str]] = None) -> list[Upload]:
+    """Images from a multipart form field ``field_name``, or the raw body when it is an image type.
+    ``text``, when given, receives the form's text fields (name -> value)."""
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
@@ -131,6 +132,8 @@ async def parse_uploads(request, body: bytes, field_name: str, limits: Limits) -
             parts = await _parse_multipart(request, body, limits)
         uploads = []
         for name, filename, data in parts:
+            if filename is None and text is not None and name != field_name:
+                text[name] = data.decode("utf-8", "replace")
             if name != field_name:
                 continue
             if filename is None:
@@ -217,7 +220,7 @@ async def _parse_multipart(request, body: bytes, limits: Limits) -> list[Part]:
             if isinstance(item, UploadFile):
                 parts.append((name, item.filename or "", await item.read()))
             else:
-                parts.append((name, None, b""))
+                parts.append((name, None, item.encode()))
         return parts
     finally:
         await form.close()
@@ -367,16 +370,47 @@ class FirstByteDeadline:
 # Routes: declared once, in one table; the Router serves them and documents them.
 
 
+FILE = {"type": "file", "format": "image"}
+ANY_JSON = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One input of a route, as a multipart form field (a file, or text holding JSON or plain text)."""
+
+    name: str
+    schema: dict
+    description: str = ""
+    required: bool = True
+
+
 @dataclass(frozen=True)
 class Route:
-    """``handler`` names a method of the bound service: ``async def handler(request) -> Response``."""
+    """``handler`` names a method of the bound service: ``async def handler(request) -> Response``.
+
+    ``name`` is what BentoML's clients call it (``client.classify(image=path)``); ``fields`` and
+    ``output`` are its inputs and answer as JSON schemas, for ``/schema.json`` and ``/docs.json``.
+    A GET route also answers POST: BentoML's clients call every route with POST.
+    """
 
     method: str
     path: str
     handler: str
     summary: str
-    request: str = ""    # what the body holds, for the docs
-    response: str = ""   # what the answer holds, for the docs
+    name: str = ""
+    fields: tuple[Field, ...] = ()
+    output: dict = field(default_factory=lambda: dict(ANY_JSON))
+    media_type: str = "application/json"
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return (self.method, "POST") if self.method == "GET" else (self.method,)
+
+    def input_schema(self) -> dict:
+        return {"type": "object", "title": f"{self.name}_input",
+                "properties": {f.name: {**f.schema, **({"description": f.description} if f.description else {})}
+                               for f in self.fields},
+                "required": [f.name for f in self.fields if f.required]}
 
 
 def error_response(message: str, status: int, headers: Optional[dict] = None):
@@ -399,9 +433,10 @@ class Router:
         self.title = title
         self.table: dict[str, dict[str, Route]] = {}
         for route in self.routes:
-            if route.method in self.table.get(route.path, {}):
-                raise ValueError(f"Route {route.method} {route.path} is declared twice.")
-            self.table.setdefault(route.path, {})[route.method] = route
+            for method in route.methods:
+                if method in self.table.get(route.path, {}):
+                    raise ValueError(f"Route {method} {route.path} is declared twice.")
+                self.table.setdefault(route.path, {})[method] = route
         self.target: Any = None
 
     def bind(self, target: Any) -> None:
@@ -468,31 +503,34 @@ class Router:
         response.headers.setdefault("X-Inference-Ms", f"{(time.perf_counter() - started) * 1000:.2f}")
         return response
 
-    def openapi(self) -> dict:
-        paths: dict[str, dict] = {}
-        for route in self.routes:
-            operation: dict[str, Any] = {"summary": route.summary, "responses": {"200": {"description": route.response
-                                                                                        or "OK"}}}
-            if route.request:
-                operation["description"] = route.request
-            if route.method == "POST":
-                operation["responses"].update({str(code): {"description": text, "content": {"application/json": {
-                    "schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}}
-                    for code, text in ((400, "bad input"), (413, "too large"), (415, "wrong content type"))})
-            paths.setdefault(route.path, {})[route.method.lower()] = operation
-        return {"openapi": "3.1.0", "info": {"title": self.title, "version": "1"}, "paths": paths}
+    def bentoml_routes(self) -> list[dict]:
+        """The routes in the shape of BentoML's ``/schema.json``, from which its clients build their methods."""
+        return [{"name": r.name or r.handler, "route": r.path, "description": r.summary, "batchable": False,
+                 "input": r.input_schema(), "output": {**r.output, **({"media_type": r.media_type}
+                                                                     if r.media_type != "application/json" else {})},
+                 "is_task": False} for r in self.routes]
 
-    def docs_page(self) -> str:
-        rows = "".join(
-            f"<tr><td><code>{html.escape(r.method)}</code></td><td><code>{html.escape(r.path)}</code></td>"
-            f"<td>{html.escape(r.summary)}<br><small>{html.escape(r.request)}</small></td></tr>"
-            for r in self.routes)
-        return (f"<!doctype html><meta charset=utf-8><title>{html.escape(self.title)}</title>"
-                "<style>body{font:15px system-ui;margin:2em}td{padding:.4em 1em;vertical-align:top;"
-                "border-bottom:1px solid #ddd}</style>"
-                f"<h1>{html.escape(self.title)}</h1><p>Errors are JSON: <code>{{\"error\": \"...\"}}</code>. "
-                "Machine-readable: <a href=/api/openapi.json>/api/openapi.json</a>.</p>"
-                f"<table>{rows}</table>")
+    def openapi_paths(self) -> dict[str, dict]:
+        """The routes as OpenAPI path items (for ``/docs.json`` and BentoML's page at ``/``)."""
+        paths: dict[str, dict] = {}
+        errors = {str(code): {"description": text, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"error": {"type": "string"}}}}}}
+            for code, text in ((400, "bad input"), (413, "too large"), (415, "wrong content type"))}
+        for route in self.routes:
+            operation: dict[str, Any] = {
+                "summary": route.summary, "operationId": route.name or route.handler, "tags": ["Service APIs"],
+                "responses": {"200": {"description": "OK", "content": {route.media_type: {"schema": route.output}}}}}
+            if route.fields:
+                properties = {f.name: ({"type": "string", "format": "binary"} if f.schema.get("type") == "file" else
+                                       {"type": "array", "items": {"type": "string", "format": "binary"}}
+                                       if f.schema.get("items", {}).get("type") == "file" else f.schema)
+                              | ({"description": f.description} if f.description else {}) for f in route.fields}
+                operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+                    "type": "object", "properties": properties,
+                    "required": [f.name for f in route.fields if f.required]}}}}
+                operation["responses"].update(errors)
+            paths.setdefault(route.path, {})[route.method.lower()] = operation
+        return paths
 
 
 def json_response(body: Any, status: int = 200):
