@@ -214,3 +214,34 @@ def test_cutout_blanks_one_square_per_image_with_the_fill():
     blanked = (out[:, 0] == 0.1).sum((1, 2))
     assert blanked.max() == 64 and blanked.min() > 0  # a full 8x8 square, or its part inside the image
     assert torch.equal(out[:, 1] == 0.2, out[:, 0] == 0.1) and ((out == 1) | (out < 0.5)).all()
+
+
+@pytest.mark.slow
+def test_the_whitening_bias_learns_for_its_epochs_then_stays_fixed(toy_folder, isolated_project):
+    """The freeze is a zero learning rate for that one parameter (DDP-safe), not requires_grad."""
+    import lightning as L
+
+    from pipeline.config import resolve_config
+    from pipeline.train import make_datamodule, make_module
+
+    config = resolve_config("resnet", "cpu", ["model.args.widths=[8,16,16]", "data.batch_size=32",
+                                               "optim.whiten_bias_epochs=2", "trainer.max_epochs=4"])
+    dm = make_datamodule(config, str(toy_folder))
+    module = make_module(config, dm)
+    seen = []
+
+    class Watch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            seen.append(pl_module.model.net.whiten.bias.detach().clone())
+
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Watch()],
+                        num_sanity_val_steps=0)
+    start = module.model.net.whiten.bias.detach().clone()
+    trainer.fit(module, datamodule=dm)
+    assert module.model.net.whiten.bias.requires_grad
+    assert not torch.equal(seen[0], start) and not torch.equal(seen[1], seen[0])  # epochs 1 and 2 learn
+    # Lookahead may still pull the net towards its average, but no optimiser step moves the bias after epoch 2.
+    optimizer = trainer.optimizers[0]
+    assert optimizer.param_groups[-1]["params"][0] is module.model.net.whiten.bias
+    assert optimizer.param_groups[-1]["lr"] == 0.0 and optimizer.param_groups[0]["lr"] > 0

@@ -137,19 +137,23 @@ def test_wrong_data_folder_is_one_clear_sentence(tmp_path, capsys):
     assert "error: Data folder" in err and "missing' does not exist." in err and "Traceback" not in err
 
 
-def test_ddp_config_path_runs_with_two_cpu_processes(toy_folder, isolated_project):
-    """The multi-GPU recipe's strategy, exercised with 2 CPU processes so it does not rot."""
+def test_ddp_trains_the_airbench_families_past_the_whitening_freeze(toy_folder, isolated_project):
+    """The multi-GPU recipe's strategy with 2 CPU processes (gloo): VGG and ResNet-9 stop training their
+    whitening bias after optim.whiten_bias_epochs (3); the runs must go past it and finish."""
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), "--models", "lenet",
-         "--profile", "cpu", "--epochs", "2", "--set", "trainer.strategy=ddp", "--set", "trainer.devices=2",
-         "--set", "data.batch_size=32"],
-        capture_output=True, text=True, timeout=300, cwd=isolated_project,
+        [sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), "--models", "vgg,resnet",
+         "--profile", "cpu", "--epochs", "4", "--set", "trainer.strategy=ddp", "--set", "trainer.devices=2",
+         "--set", "data.batch_size=32", "--set", "model.args.widths=[8,16,16]"],
+        capture_output=True, text=True, timeout=600, cwd=isolated_project,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{isolated_project / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("cifar4").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.params["trainer.strategy"] == "ddp"
-    assert client.get_model_version_by_alias("cifar4-classifier", "champion").run_id == run.info.run_id
+    runs = client.search_runs([client.get_experiment_by_name("cifar4").experiment_id])
+    assert {r.data.tags["family"] for r in runs} == {"vgg", "resnet"}
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.params["trainer.strategy"] == "ddp"
+        assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 4
+    assert client.get_model_version_by_alias("cifar4-classifier", "champion").run_id in {r.info.run_id for r in runs}
 
 
 def test_logs_get_one_line_per_epoch_and_terminals_keep_the_bar(toy_folder, capsys):

@@ -11,6 +11,8 @@ import shutil
 import time
 
 import httpx
+import numpy as np
+from PIL import Image
 import pytest
 
 from test_service import toy_files
@@ -81,6 +83,21 @@ def test_ui_shows_what_classify_returns(served, toy_folder, browser, tmp_path_fa
         assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image), \
             image.get_attribute("alt")
     assert "Grad-CAM" in browser.find_element(By.ID, "saliency-caption").text
+    # The out-of-scope flag is the answer's: shown as a warning when true, hidden when false.
+    scope = browser.find_element(By.ID, "scope")
+    assert scope.get_attribute("data-out-of-scope") == str(expected["out_of_scope"]).lower()
+    assert scope.is_displayed() is expected["out_of_scope"]
+
+    # Noise is flagged by the service: the page then says so above the bars.
+    noise = tmp_path_factory.mktemp("noise") / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise)
+    flagged = httpx.post(f"{url}/classify", files={"image": ("noise.png", noise.read_bytes(), "image/png")}).json()
+    browser.execute_script("document.body.dataset.state = ''")
+    browser.find_element(By.ID, "file").send_keys(str(noise))
+    assert wait_for_state(browser, ("done", "error")) == "done"
+    assert scope.get_attribute("data-out-of-scope") == str(flagged["out_of_scope"]).lower()
+    if flagged["out_of_scope"]:
+        assert "none of the classes" in scope.text
 
     shot = tmp_path_factory.mktemp("screenshots") / "ui.png"
     browser.save_screenshot(str(shot))

@@ -168,12 +168,6 @@ class ImageClassifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], sync_dist=True)
 
-    def on_train_epoch_start(self) -> None:
-        whiten = getattr(self.model.net, "whiten", None)
-        if whiten is not None and self.hparams.recipe == "airbench":
-            # airbench: the whitening layer's bias learns for the first epochs, then stays fixed.
-            whiten.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
-
     def on_fit_start(self) -> None:
         if self.hparams.lookahead and self.lookahead is None:
             self.lookahead = Lookahead(self.model)
@@ -226,11 +220,22 @@ class ImageClassifier(L.LightningModule):
         dm = self.trainer.datamodule
         batch_size = dm.rank_batch_size() * self.trainer.world_size if dm is not None else 512  # the global batch
         groups = optimizer_groups(self.model, hp.lr, hp.weight_decay, hp.momentum, batch_size, hp.bias_lr_scale)
-        whiten = getattr(self.model.net, "whiten", None)
-        if whiten is not None and not any(whiten.bias is p for g in groups for p in g["params"]):
-            groups[0]["params"].append(whiten.bias)  # frozen for later epochs, but it must be in the optimizer
-        optimizer = torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True)
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, total, hp.warmup_fraction, hp.lr_start, hp.lr_end))
+
+        def factor(step: int) -> float:
+            return lr_factor(step, total, hp.warmup_fraction, hp.lr_start, hp.lr_end)
+
+        schedule = [factor] * len(groups)
+        whiten = getattr(self.model.net, "whiten", None)
+        if whiten is not None:
+            # airbench: the whitening layer's bias learns for the first epochs, then stays fixed. Its own group's
+            # rate drops to 0 then; turning requires_grad off instead breaks DDP ("Expected to have finished
+            # reduction in the prior iteration"): the gradient is still reduced, just not applied.
+            for group in groups:
+                group["params"] = [p for p in group["params"] if p is not whiten.bias]
+            groups.append({**groups[0], "params": [whiten.bias]})
+            freeze = hp.whiten_bias_epochs * total // max(1, int(self.trainer.max_epochs or 1))
+            schedule.append(lambda step: factor(step) if step < freeze else 0.0)
+        optimizer = torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
