@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ from pipeline.runtime.registry import CHECKSUM_TAG, file_checksums
 from pipeline.plots import plot_confusion_matrix, plot_learning_curves, plot_mistakes
 from pipeline.tracking import git_commit, project_dir
 
-console = Console()
+# A log file or CI gets 140 columns: Rich's default of 80 folds the tables into unreadable cells.
+console = Console(width=None if sys.stdout.isatty() else 140)
 CURVE_METRICS = ("train/loss", "val/loss", "train/acc", "val/acc")
 
 
