@@ -46,8 +46,11 @@ path = (sorted(glob.glob("../shared/data/cifar4/train/boat/*.jpg")) or sorted(gl
 data = open(path, "rb").read()
 body = httpx.post("http://127.0.0.1:3000/classify", files={"image": data}, timeout=30).json()
 got = np.array([body["probabilities"][c] for c in model.classes])
-assert np.abs(got - model.predict_proba(decode_image(data, model.image_size))[0]).max() < 1e-5, body
-print(f"image /classify: {body['label']} {got.max():.3f}, model version {body['model']['version']} (matches the store)")
+probabilities, scores = model.predict(decode_image(data, model.image_size))
+assert np.abs(got - probabilities[0]).max() < 1e-5, body
+assert body["out_of_scope"] is bool(model.out_of_scope(scores)[0]), body  # the threshold stored with the model
+print(f"image /classify: {body['label']} {got.max():.3f}, out of scope {body['out_of_scope']}, "
+      f"model version {body['model']['version']} (matches the store)")
 PY
 docker rm -f cifar4-image-check >/dev/null
 up=$(date +%s)

@@ -138,3 +138,25 @@ def test_the_energy_score_in_the_graph_is_minus_the_logsumexp_of_the_calibrated_
     np.testing.assert_allclose(scores, -torch.logsumexp(calibrated, 1).numpy(), atol=1e-4)
     np.testing.assert_allclose(probabilities, torch.softmax(calibrated, 1).numpy(), atol=1e-5)
     np.testing.assert_array_equal(model.out_of_scope(scores), scores > 0.0)
+
+
+def test_the_combined_score_is_the_larger_of_the_two_in_validation_deviations(tmp_path):
+    from pipeline.export import export_onnx
+    from pipeline.runtime.onnx_model import OnnxClassifier
+    from pipeline.scope import CombinedScore, EnergyScore
+
+    torch.manual_seed(2)
+    classifier = Classifier(build_model("lenet", 4), [0.5] * 3, [0.25] * 3, tta=1, temperature=0.8).eval()
+    bank = features(classifier, torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8))
+    knn = NearestNeighbourScore(bank, k=3)
+    scorer = CombinedScore(knn, (-2.0, 0.5), (0.1, 0.05))
+    path = export_onnx(Deployed(classifier, scorer), 32, tmp_path / "model.onnx")
+    model = OnnxClassifier(path, {"classes": ["bird", "boat", "cat", "dog"], "image_size": 32,
+                                  "out_of_scope": {"score": "combined", "threshold": 1.0}})
+    images = torch.randint(0, 256, (9, 3, 32, 32), dtype=torch.uint8)
+    _, scores = model.predict(images.numpy())
+    with torch.no_grad():
+        feats, logits = classifier.features_and_logits(images.float() / 255)
+        energy = EnergyScore()(feats, logits / 0.8).numpy()
+    distance = knn_scores(bank.numpy(), feats.numpy(), 3)
+    np.testing.assert_allclose(scores, np.maximum((energy + 2.0) / 0.5, (distance - 0.1) / 0.05), atol=1e-3)

@@ -123,7 +123,7 @@ def schema() -> dict[str, dict[str, Any]]:
         "tracking": {"experiment": "", "registered_model": "", "alias": "", "system_metrics_interval_s": 10.0},
         "checkpoint": {"every_n_epochs": 1, "select": "last"},
         "calibration": {"temperature": True},
-        "out_of_scope": {"score": "energy", "k": 10, "bank_size": 4000, "keep": 0.95},
+        "out_of_scope": {"score": "combined", "k": 10, "bank_size": 4000, "keep": 0.95},
         "evaluation": {"folders": None},
         "": {"seed": 0, "family": "", "profile": "", "data": None, "optim": None, "trainer": None, "model": None,
              "tracking": None, "checkpoint": None, "calibration": None, "out_of_scope": None, "evaluation": None},
@@ -155,9 +155,9 @@ def validate(config: dict) -> None:
     select = (config.get("checkpoint") or {}).get("select", "last")
     if select not in ("last", "best"):
         raise ConfigError(f"Config key checkpoint.select must be last or best, got {select!r}.")
-    kind = (config.get("out_of_scope") or {}).get("score", "energy")
-    if kind not in ("energy", "knn"):
-        raise ConfigError(f"Config key out_of_scope.score must be energy or knn, got {kind!r}.")
+    kind = (config.get("out_of_scope") or {}).get("score", "combined")
+    if kind not in ("combined", "energy", "knn"):
+        raise ConfigError(f"Config key out_of_scope.score must be combined, energy or knn, got {kind!r}.")
     keep = (config.get("out_of_scope") or {}).get("keep", 0.95)
     if not isinstance(keep, (int, float)) or not 0.5 <= keep < 1.0:
         raise ConfigError(f"Config key out_of_scope.keep must be a number in [0.5, 1), got {keep!r}.")

@@ -1,12 +1,15 @@
 """The out-of-scope signal: a score per image, higher meaning further from what the net was trained on.
 
-Two scores, chosen with ``out_of_scope.score`` (docs/trust.md has the measurements behind the default):
+Three scores, chosen with ``out_of_scope.score`` (docs/trust.md has the measurements behind the default):
 
 - ``energy`` (Liu et al. 2020): minus the log-sum-exp of the calibrated logits. An image that excites
-  none of the classes' evidence much has a high energy. Free: no parameters, nothing stored.
+  none of the classes' evidence much has a high energy. Free, but blind to inputs far from every
+  image (noise): ReLU/GELU nets give those huge logits, so a low energy.
 - ``knn``: 1 - the cosine similarity to the k-th nearest of a bank of training images' penultimate
   features (Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors"). The bank
   sits in ``model.onnx`` as a constant.
+- ``combined`` (the default): the larger of the two, each in standard deviations from its mean on the
+  validation split (those four numbers are in the graph too).
 
 Either way the score is an output of ``model.onnx``, so the service, ``pipeline predict`` and
 ``pipeline evaluate`` all get it from the graph and stay torch-free. The threshold keeps ``keep``
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 
-SCORES = ("energy", "knn")
+SCORES = ("combined", "energy", "knn")
 
 
 class EnergyScore(nn.Module):
@@ -47,6 +50,23 @@ class NearestNeighbourScore(nn.Module):
     def forward(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         similarity = nn.functional.normalize(features, dim=1) @ self.bank.T
         return 1.0 - torch.topk(similarity, self.k, dim=1).values[:, -1]
+
+
+class CombinedScore(nn.Module):
+    """max((energy - mean) / std, (knn - mean) / std), with the means and stds of the validation split."""
+
+    name = "combined"
+
+    def __init__(self, knn: NearestNeighbourScore, energy_stats: tuple[float, float],
+                 knn_stats: tuple[float, float]) -> None:
+        super().__init__()
+        self.knn, self.energy = knn, EnergyScore()
+        self.register_buffer("stats", torch.tensor([*energy_stats, *knn_stats], dtype=torch.float32))
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        energy = (self.energy(features, logits) - self.stats[0]) / self.stats[1]
+        distance = (self.knn(features) - self.stats[2]) / self.stats[3]
+        return torch.maximum(energy, distance)
 
 
 class Deployed(nn.Module):

@@ -3,8 +3,9 @@
 1. Fit a temperature on the validation split (:mod:`pipeline.calibration`): model.onnx divides the
    TTA-averaged logits by it before the softmax.
 2. Add the out-of-scope score to the graph (:mod:`pipeline.scope`: the energy of the calibrated logits,
-   or the distance to a bank of training images' features) and set the threshold that keeps
-   ``out_of_scope.keep`` of the validation split in scope.
+   the distance to a bank of training images' features, or the larger of the two in validation
+   standard deviations) and set the threshold that keeps ``out_of_scope.keep`` of the validation
+   split in scope.
 3. Report, before and after calibration, ECE, NLL and Brier score on the validation and test splits,
    the share of each split flagged, and the same on every ``evaluation.folders`` entry, with the
    AUROC of the out-of-scope score between the in-scope and out-of-scope sets.
@@ -24,7 +25,9 @@ from pipeline.calibration import fit_temperature
 from pipeline.evaluation import (
     EvalFolder, auroc, calibration_scores, folder_metrics, fpr_at_tpr, load_eval_folder,
 )
-from pipeline.scope import SCORES, Deployed, EnergyScore, NearestNeighbourScore, bank_rows, features, threshold_for
+from pipeline.scope import (
+    SCORES, CombinedScore, Deployed, EnergyScore, NearestNeighbourScore, bank_rows, features, threshold_for,
+)
 
 
 @dataclass
@@ -97,21 +100,29 @@ def make_trustworthy(config: dict, classifier: torch.nn.Module, dm) -> tuple[Dep
     temperature = fit_temperature(val.logits, val_labels) if fit else 1.0
     classifier.temperature.fill_(temperature)
 
-    kind = str(scope_config.get("score", "energy"))
+    kind = str(scope_config.get("score", "combined"))
     if kind not in SCORES:
         raise ValueError(f"out_of_scope.score must be one of {', '.join(SCORES)}, got {kind!r}")
     described: dict[str, Any] = {"score": kind, "keep": keep}
-    if kind == "knn":
-        rows = bank_rows(len(dm.train_labels), int(scope_config.get("bank_size", 4000)), int(config.get("seed", 0)))
-        scorer = NearestNeighbourScore(features(classifier, dm.train_images[rows].cpu()),
-                                       min(int(scope_config.get("k", 10)), len(rows)))
-        described.update(k=scorer.k, bank_size=len(rows))
-    else:
-        scorer = EnergyScore()
 
-    def scope_scores(out: Outputs) -> np.ndarray:
+    def scored(scorer: torch.nn.Module, out: Outputs) -> np.ndarray:
         with torch.inference_mode():
             return scorer(out.features, torch.from_numpy(out.logits / temperature).float()).numpy()
+
+    scorer: torch.nn.Module = EnergyScore()
+    if kind in ("knn", "combined"):
+        rows = bank_rows(len(dm.train_labels), int(scope_config.get("bank_size", 4000)), int(config.get("seed", 0)))
+        knn = NearestNeighbourScore(features(classifier, dm.train_images[rows].cpu()),
+                                    min(int(scope_config.get("k", 10)), len(rows)))
+        described.update(k=knn.k, bank_size=len(rows))
+        scorer = knn
+        if kind == "combined":
+            energy, distance = scored(EnergyScore(), val), scored(knn, val)
+            scorer = CombinedScore(knn, (float(energy.mean()), float(energy.std())),
+                                   (float(distance.mean()), float(distance.std())))
+
+    def scope_scores(out: Outputs) -> np.ndarray:
+        return scored(scorer, out)
 
     val_scores = scope_scores(val)
     threshold = threshold_for(val_scores, keep)
