@@ -9,8 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-# A log file or CI gets 140 columns: Rich's default of 80 folds the tables into unreadable cells.
-console = Console(width=None if sys.stdout.isatty() else 140)
+# A log file or CI gets 140 columns and unwrapped lines: Rich's default of 80 folds tables into unreadable cells.
+console = Console(width=None if sys.stdout.isatty() else 140, soft_wrap=not sys.stdout.isatty())
 errors = Console(stderr=True, soft_wrap=True)
 DEFAULT_DATA = Path("data") / "cifar4"
 

@@ -37,8 +37,8 @@ from pipeline.runtime.registry import CHECKSUM_TAG, file_checksums
 from pipeline.plots import plot_confusion_matrix, plot_learning_curves, plot_mistakes
 from pipeline.tracking import git_commit, project_dir
 
-# A log file or CI gets 140 columns: Rich's default of 80 folds the tables into unreadable cells.
-console = Console(width=None if sys.stdout.isatty() else 140)
+# A log file or CI gets 140 columns and unwrapped lines: Rich's default of 80 folds tables into unreadable cells.
+console = Console(width=None if sys.stdout.isatty() else 140, soft_wrap=not sys.stdout.isatty())
 CURVE_METRICS = ("train/loss", "val/loss", "train/acc", "val/acc")
 
 
