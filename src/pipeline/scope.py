@@ -18,6 +18,8 @@ Either way the score is an output of ``model.onnx``, so the service, ``pipeline 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -84,13 +86,35 @@ class Deployed(nn.Module):
         return torch.softmax(calibrated, dim=-1), self.scorer(features, calibrated)
 
 
+@dataclass
+class Outputs:
+    """TTA-averaged logits and penultimate features of one image set."""
+
+    logits: np.ndarray
+    features: torch.Tensor
+
+    def probabilities(self, temperature: float = 1.0) -> np.ndarray:
+        z = self.logits / temperature
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+
 @torch.inference_mode()
+def outputs(classifier: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> Outputs:
+    """TTA-averaged logits and penultimate features of uint8 images, as the exported graph computes them."""
+    classifier = classifier.eval()
+    logits, feats = [], []
+    for start in range(0, len(images_uint8), batch_size):
+        f, z = classifier.features_and_logits(images_uint8[start : start + batch_size].float() / 255)
+        logits.append(z.double().numpy())
+        feats.append(f)
+    return Outputs(np.concatenate(logits), torch.cat(feats))
+
+
 def features(classifier: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Penultimate features (TTA-averaged, as the exported graph computes them) of uint8 images."""
-    classifier = classifier.eval()
-    out = [classifier.features_and_logits(images_uint8[i : i + batch_size].float() / 255)[0]
-           for i in range(0, len(images_uint8), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0)
+    return outputs(classifier, images_uint8, batch_size).features
 
 
 def bank_rows(n: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -26,32 +26,9 @@ from pipeline.evaluation import (
     EvalFolder, auroc, calibration_scores, folder_metrics, fpr_at_tpr, load_eval_folder,
 )
 from pipeline.scope import (
-    SCORES, CombinedScore, Deployed, EnergyScore, NearestNeighbourScore, bank_rows, features, threshold_for,
+    SCORES, CombinedScore, Deployed, EnergyScore, NearestNeighbourScore, Outputs, bank_rows, features, outputs,
+    threshold_for,
 )
-
-
-@dataclass
-class Outputs:
-    """TTA-averaged logits and penultimate features of one image set."""
-
-    logits: np.ndarray
-    features: torch.Tensor
-
-    def probabilities(self, temperature: float = 1.0) -> np.ndarray:
-        z = self.logits / temperature
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
-
-
-@torch.inference_mode()
-def outputs(classifier: torch.nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> Outputs:
-    logits, feats = [], []
-    for start in range(0, len(images_uint8), batch_size):
-        f, z = classifier.features_and_logits(images_uint8[start : start + batch_size].float() / 255)
-        logits.append(z.double().numpy())
-        feats.append(f)
-    return Outputs(np.concatenate(logits), torch.cat(feats))
 
 
 @dataclass
