@@ -32,11 +32,12 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import ROOT, free_port, median_ms, start, stop  # noqa: E402
 
-from pipeline.explain import export_explain  # noqa: E402
+from pipeline.explain_graph import export_explain  # noqa: E402
 from pipeline.runtime.explainer import Explainer  # noqa: E402
 from pipeline.export import WEIGHTS_FILE, rebuild_classifier  # noqa: E402
 from pipeline.runtime.imaging import decode_image  # noqa: E402
-from pipeline.runtime.onnx_model import OnnxClassifier, find_model_files  # noqa: E402
+from pipeline.runtime.model_folder import find_model_files  # noqa: E402
+from pipeline.runtime.onnx_model import OnnxClassifier  # noqa: E402
 from pipeline.tracking import tracking_uri as resolve_tracking_uri  # noqa: E402
 
 

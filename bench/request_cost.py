@@ -33,7 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pipeline.runtime import http, imaging  # noqa: E402
+from pipeline.runtime import bodies, imaging  # noqa: E402
+from pipeline.runtime.deadline import FirstByteDeadline  # noqa: E402
 
 
 def timed(fn, rounds: int, between=None) -> float:
@@ -114,7 +115,7 @@ def main() -> None:
         with pillow_path():
             imaging.decode_image(data, 32)
 
-    fast = imaging._decode_small_jpeg(data, 32, imaging.DEFAULT_MAX_PIXELS) is not None
+    fast = imaging._decode_small_jpeg(data, 32, imaging.MAX_PIXELS) is not None
     compare("decode" + ("" if fast else " (this image takes Pillow's path)"), pillow_only,
             lambda: imaging.decode_image(data, 32), "Pillow", "simplejpeg" if fast else "Pillow")
 
@@ -123,18 +124,18 @@ def main() -> None:
     body, content_type = request.read(), request.headers["content-type"]
     scope = {"type": "http", "method": "POST", "path": "/classify", "query_string": b"",
              "headers": [(b"content-type", content_type.encode())]}
-    limits = http.Limits()
+    limits = bodies.Limits()
     loop = asyncio.new_event_loop()
 
     def parse(split: bool):
         def run():
-            saved = http.split_plain_multipart
+            saved = bodies.split_plain_multipart
             if not split:
-                http.split_plain_multipart = lambda *a: None
+                bodies.split_plain_multipart = lambda *a: None
             try:
-                loop.run_until_complete(http.parse_uploads(Request(scope), body, "image", limits))
+                loop.run_until_complete(bodies.parse_uploads(Request(scope), body, "image", limits))
             finally:
-                http.split_plain_multipart = saved
+                bodies.split_plain_multipart = saved
         return run
 
     compare("multipart", parse(False), parse(True), "Starlette", "one-pass split")
@@ -150,7 +151,7 @@ def main() -> None:
     def through(middleware):
         return lambda: loop.run_until_complete(middleware({"type": "http", "path": "/"}, None, sent))
 
-    bentoml_mw, ours = TimeoutMiddleware(app, 60), http.FirstByteDeadline(app, 60)
+    bentoml_mw, ours = TimeoutMiddleware(app, 60), FirstByteDeadline(app, 60)
     compare("deadline", through(bentoml_mw), through(ours), "BentoML", "FirstByteDeadline")
 
     def live_timers() -> int:
@@ -162,7 +163,7 @@ def main() -> None:
             through(middleware)()
         return live_timers() - before
 
-    live_theirs, live_ours = left_behind(TimeoutMiddleware(app, 60)), left_behind(http.FirstByteDeadline(app, 60))
+    live_theirs, live_ours = left_behind(TimeoutMiddleware(app, 60)), left_behind(FirstByteDeadline(app, 60))
     loop.close()
 
     table = Table(title=f"One request's pieces, median of {args.rounds} calls (hot) or {max(200, args.rounds // 10)} "
@@ -181,7 +182,7 @@ def main() -> None:
         for path in files:
             raw = path.read_bytes()
             new = imaging.decode_image(raw, 32)
-            taken += imaging._decode_small_jpeg(raw, 32, imaging.DEFAULT_MAX_PIXELS) is not None
+            taken += imaging._decode_small_jpeg(raw, 32, imaging.MAX_PIXELS) is not None
             with pillow_path():
                 differ += not np.array_equal(new, imaging.decode_image(raw, 32))
         console.print(f"{args.compare}: {len(files):,} JPEGs, {taken:,} through simplejpeg, {differ:,} with pixels "

@@ -54,7 +54,8 @@ def main() -> None:
     from rich.table import Table
 
     from pipeline.export import export_onnx, rebuild_classifier
-    from pipeline.runtime.onnx_model import OnnxClassifier, find_model_files
+    from pipeline.runtime.model_folder import find_model_files
+    from pipeline.runtime.onnx_model import OnnxClassifier
     from pipeline.tracking import tracking_uri
 
     uri = tracking_uri()

@@ -1,7 +1,7 @@
 """BentoML service: the champion classifier behind POST /classify, /classify_batch and /explain,
 and the /ui page.
 
-The routes are one table (``ROUTES``) served by a small ASGI router (``pipeline.runtime.http``)
+The routes are one table (``ROUTES``) served by a small ASGI router (``pipeline.runtime.routes``)
 mounted on the BentoML service: every route takes the same short path and every error is
 ``{"error": ...}`` JSON. The same table is published in BentoML's ``/schema.json`` and ``/docs.json``
 (:func:`publish_routes`), so BentoML's clients call every route by name and its page at ``/`` lists
@@ -27,14 +27,17 @@ _SRC = Path(__file__).resolve().parent.parent / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
-from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer, LazyExplainer  # noqa: E402
-from pipeline.runtime.http import (  # noqa: E402
-    FILE, Field, FirstByteDeadline, Limits, MicroBatcher, RequestError, Route, Router, json_response, parse_uploads,
-    read_body,
-)
+from pipeline.runtime.batching import MicroBatcher  # noqa: E402
+from pipeline.runtime.bodies import Limits, RequestError, parse_uploads, read_body  # noqa: E402
+from pipeline.runtime.deadline import FirstByteDeadline  # noqa: E402
+from pipeline.runtime.explainer import Explainer, LazyExplainer  # noqa: E402
+from pipeline.runtime.follower import Follower, Refused, RegistryUnreachable, Served  # noqa: E402
 from pipeline.runtime.imaging import ImageDecodeError, decode_image  # noqa: E402
-from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, ModelError, OnnxClassifier  # noqa: E402
-from pipeline.runtime.registry import Follower, Refused, RegistryUnreachable, Served, sha256  # noqa: E402
+from pipeline.runtime.model_folder import (  # noqa: E402
+    EXPLAIN_JSON, EXPLAIN_ONNX, REQUIRED_FILES, ModelError, modified_files,
+)
+from pipeline.runtime.onnx_model import OnnxClassifier  # noqa: E402
+from pipeline.runtime.routes import FILE, Field, Route, Router, json_response  # noqa: E402
 from pipeline.runtime.settings import Settings  # noqa: E402
 
 SETTINGS = Settings.from_env()
@@ -77,13 +80,13 @@ app = Router(ROUTES, title="Image classifier")
 
 def load_packaged_model(folder: Path, expected: dict[str, str]) -> OnnxClassifier:
     """Refuse a model whose files changed since `make package`, or whose classes do not fit it."""
-    for name in (ONNX_FILE, METADATA_FILE):
+    for name in REQUIRED_FILES:
         if not (folder / name).is_file():
             raise ModelError(f"Packaged model {SETTINGS.model} at {folder} lacks {name}: run `make package` again.")
-    for name, digest in expected.items():
-        if not (folder / name).is_file() or sha256(folder / name) != digest:
-            raise ModelError(f"Checksum of {name} in {folder} does not match the one recorded at packaging: "
-                             "the model files were modified; run `make package` again.")
+    changed = modified_files(folder, expected)
+    if changed:
+        raise ModelError(f"Checksum of {changed[0]} in {folder} does not match the one recorded at packaging: "
+                         "the model files were modified; run `make package` again.")
     return OnnxClassifier.from_dir(folder, threads=SETTINGS.thread_count, spinning=SETTINGS.ort_spinning)
 
 

@@ -157,7 +157,8 @@ def test_a_model_whose_classes_do_not_match_its_metadata_is_refused(tmp_path):
     from pipeline.export import export_onnx
     from pipeline.models import build_model
     from pipeline.module import Classifier
-    from pipeline.runtime.onnx_model import ModelError, OnnxClassifier
+    from pipeline.runtime.model_folder import ModelError
+    from pipeline.runtime.onnx_model import OnnxClassifier
 
     onnx_path = export_onnx(Classifier(build_model("lenet", 4), [0.5] * 3, [0.2] * 3), 32, tmp_path / "model.onnx")
     metadata = {"classes": ["cat", "dog", "bird"], "image_size": 32}  # 3 names for a 4-way output

@@ -16,8 +16,9 @@ BLOCK_TORCH = "import sys; sys.modules['torch'] = None; "
 
 def test_runtime_imports_with_torch_blocked():
     code = BLOCK_TORCH + ("import pipeline.runtime, pipeline.runtime.imaging, pipeline.runtime.onnx_model, "
-                          "pipeline.runtime.explainer, pipeline.runtime.pictures, pipeline.runtime.http, "
-                          "pipeline.runtime.settings; print('ok')")
+                          "pipeline.runtime.explainer, pipeline.runtime.pictures, pipeline.runtime.routes, "
+                          "pipeline.runtime.bodies, pipeline.runtime.batching, pipeline.runtime.deadline, "
+                          "pipeline.runtime.follower, pipeline.runtime.model_folder, pipeline.runtime.settings; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
@@ -52,7 +53,7 @@ def test_batcher_runs_a_lone_request_inline_and_batches_concurrent_ones():
 
     import numpy as np
 
-    from pipeline.runtime.http import MicroBatcher
+    from pipeline.runtime.batching import MicroBatcher
 
     calls: list[tuple[int, str]] = []
 
@@ -84,7 +85,7 @@ def _form_request(content_type: str, body: bytes):
 def _uploads(content_type: str, body: bytes, field: str = "images"):
     import asyncio
 
-    from pipeline.runtime.http import Limits, RequestError, parse_uploads
+    from pipeline.runtime.bodies import Limits, RequestError, parse_uploads
 
     try:
         return [(u.name, u.data) for u in asyncio.run(parse_uploads(_form_request(content_type, body), body, field,
@@ -98,7 +99,7 @@ def test_plain_multipart_bodies_parse_as_starlette_parses_them(monkeypatch):
     and bodies written any other way (padding after a delimiter, other parameter orders) still parse through Starlette."""
     import httpx
 
-    from pipeline.runtime import http
+    from pipeline.runtime import bodies as http
 
     forms = [{"images": ("a b.jpg", b"\xff\xd8one", "image/jpeg")},
              [("images", ("1.jpg", b"first")), ("images", ("dir/2.png", b"")), ("note", (None, b"text"))],
@@ -128,7 +129,7 @@ def test_plain_multipart_bodies_parse_as_starlette_parses_them(monkeypatch):
 def _deadline_call(app, timeout: float) -> list[dict]:
     import asyncio
 
-    from pipeline.runtime.http import FirstByteDeadline
+    from pipeline.runtime.deadline import FirstByteDeadline
 
     sent: list[dict] = []
 
@@ -172,7 +173,7 @@ def test_the_deadline_leaves_no_timer_behind_and_replaces_bentomls():
     import asyncio
     import gc
 
-    from pipeline.runtime.http import FirstByteDeadline
+    from pipeline.runtime.deadline import FirstByteDeadline
 
     async def ok(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})

@@ -1,22 +1,19 @@
 """Run explain.onnx with ONNX Runtime and turn its outputs into pictures (no torch).
 
 ``explain.onnx`` and ``explain.json`` are written by ``pipeline package`` from the
-model's state_dict (see :mod:`pipeline.explain`).
+model's state_dict (see :mod:`pipeline.explain_graph`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.runtime import pictures
-from pipeline.runtime.onnx_model import ModelError
+from pipeline.runtime.model_folder import EXPLAIN_JSON, EXPLAIN_ONNX, ModelError, ort_session
 
-EXPLAIN_ONNX = "explain.onnx"
-EXPLAIN_JSON = "explain.json"
 DISPLAY_SIDE = 128  # the input, overlay and kernel pictures are shown this many pixels square
 
 
@@ -24,8 +21,6 @@ class Explainer:
     def __init__(self, folder: str | Path | None, classes: list[str], threads: int | None = None,
                  graph: bytes | None = None, info: dict | None = None) -> None:
         """From ``folder`` (explain.onnx + explain.json), or from the ``graph`` bytes and ``info``."""
-        import onnxruntime as ort
-
         if graph is None or info is None:
             folder = Path(folder)
             for name in (EXPLAIN_ONNX, EXPLAIN_JSON):
@@ -34,12 +29,8 @@ class Explainer:
             graph, info = (folder / EXPLAIN_ONNX).read_bytes(), json.loads((folder / EXPLAIN_JSON).read_text())
         self.info = info
         self.classes = list(classes)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
-        options.inter_op_num_threads = 1
         # Idle threads sleep: /explain is occasional, and spinning threads would take the CPU from /classify.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(graph, threads, spinning=False)
         self.output_names = [o.name for o in self.session.get_outputs()]
         weight = np.asarray(self.info["first_layer"]["weight"], np.float32)
         self.filters_png = pictures.png_base64(pictures.filter_grid(weight))

@@ -15,13 +15,14 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.runtime.model_folder import MAX_PIXELS
+
 try:  # libjpeg-turbo straight into numpy; without it every image goes through Pillow
     import simplejpeg
 except ImportError:  # pragma: no cover - a platform without its wheel
     simplejpeg = None
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: a large phone photo, far below a decompression bomb
 
 
 class ImageDecodeError(ValueError):
@@ -45,7 +46,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def decode_image(
     source: Union[bytes, bytearray, memoryview, str, Path],
     size: int = 32,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int = MAX_PIXELS,
     name: str | None = None,
 ) -> np.ndarray:
     """Return a ``(3, size, size)`` uint8 array.

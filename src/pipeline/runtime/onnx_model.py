@@ -10,45 +10,24 @@ out-of-scope threshold).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-METADATA_FILE = "classifier.json"
-ONNX_FILE = "model.onnx"
+from pipeline.runtime.model_folder import ModelError, find_model_files, ort_session
+
 PROBABILITIES = "probabilities"
 SCOPE_SCORE = "out_of_scope_score"
-
-
-class ModelError(RuntimeError):
-    """A model folder is missing, incomplete or inconsistent; the message says which."""
-
-
-def find_model_files(directory: str | Path) -> tuple[Path, Path]:
-    directory = Path(directory)
-    onnx_files = sorted(directory.rglob(ONNX_FILE))
-    meta_files = sorted(directory.rglob(METADATA_FILE))
-    if not onnx_files or not meta_files:
-        raise ModelError(f"Model folder {str(directory)!r} lacks {ONNX_FILE} or {METADATA_FILE}.")
-    return onnx_files[0], meta_files[0]
 
 
 class OnnxClassifier:
     def __init__(self, onnx_path: str | Path, metadata: dict[str, Any], threads: int | None = None,
                  spinning: bool = True) -> None:
-        import onnxruntime as ort
-
         self.metadata = metadata
         self.classes: list[str] = list(metadata["classes"])
         self.image_size: int = int(metadata["image_size"])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
-        options.inter_op_num_threads = 1
-        if not spinning:  # idle ORT threads sleep instead of spinning: the CPU goes to the event loop
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(onnx_path, threads, spinning)
         outputs = self.session.get_outputs()
         width = outputs[0].shape[-1]
         if isinstance(width, int) and width != len(self.classes):

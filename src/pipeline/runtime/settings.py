@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
+from pipeline.runtime.model_folder import MAX_PIXELS
+from pipeline.runtime.model_uri import parse_alias_uri
+
 
 class SettingsError(ValueError):
     """A ``CLASSIFIER_*`` variable has a value the service cannot use; the message names it."""
@@ -29,7 +32,7 @@ class Settings:
     access_log: bool = False                  # CLASSIFIER_ACCESS_LOG: ~1 ms a request on 2 cores
     trace_routes: bool = False                # CLASSIFIER_TRACE_ROUTES: OpenTelemetry spans on the model routes
     max_body_bytes: int = 10 * 1024 * 1024    # CLASSIFIER_MAX_BODY_BYTES
-    max_pixels: int = 40_000_000              # CLASSIFIER_MAX_PIXELS: decoded size limit (decompression bombs)
+    max_pixels: int = MAX_PIXELS              # CLASSIFIER_MAX_PIXELS: decoded size limit (decompression bombs)
     max_batch_files: int = 128                # CLASSIFIER_MAX_BATCH_FILES: files in one /classify_batch
     model_batch: int = 16                     # CLASSIFIER_MODEL_BATCH: images in one model call, at most
     read_timeout_s: float = 30.0              # CLASSIFIER_READ_TIMEOUT_S: a body must arrive within this
@@ -55,9 +58,8 @@ class Settings:
             if getattr(settings, name) <= 0:
                 raise SettingsError(f"CLASSIFIER_{name.upper()}={getattr(settings, name)} must be above 0.")
         if settings.follow:
-            from pipeline.runtime.registry import parse_alias_uri
-
-            parse_alias_uri(settings.follow)  # raises SettingsError with the expected shape
+            if parse_alias_uri(settings.follow) is None:
+                raise SettingsError(f"CLASSIFIER_FOLLOW={settings.follow!r} must look like models:/NAME@ALIAS.")
             if not environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
                 raise SettingsError(f"CLASSIFIER_FOLLOW={settings.follow} needs MLFLOW_TRACKING_URI set to the "
                                     "MLflow server's http(s) URL.")

@@ -10,10 +10,8 @@ between two model calls. A tracking server that does not answer changes nothing 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 import threading
@@ -25,15 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
-
-from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX, Explainer, LazyExplainer
-from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, OnnxClassifier
+from pipeline.runtime.explainer import Explainer, LazyExplainer
+from pipeline.runtime.model_folder import (CHECKSUM_TAG, EXPLAIN_JSON, EXPLAIN_ONNX, METADATA_FILE, MODEL_FILES,
+                                           ONNX_FILE, REQUIRED_FILES, ModelError, check_answers, modified_files)
+from pipeline.runtime.model_uri import parse_alias_uri
+from pipeline.runtime.onnx_model import OnnxClassifier
 
 log = logging.getLogger("bentoml.cifar4.follow")
-MODEL_FILES = (ONNX_FILE, METADATA_FILE, EXPLAIN_ONNX, EXPLAIN_JSON)
-REQUIRED_FILES = (ONNX_FILE, METADATA_FILE)
-CHECKSUM_TAG = "checksum."  # run tags checksum.<file> = sha256, written by training (pipeline.train)
 
 
 class RegistryUnreachable(RuntimeError):
@@ -46,34 +42,6 @@ class RegistryUnreachable(RuntimeError):
 
 class Refused(RuntimeError):
     """A model version that must not be served; the message says why."""
-
-
-def parse_alias_uri(uri: str) -> tuple[str, str]:
-    from pipeline.runtime.settings import SettingsError
-
-    match = re.fullmatch(r"models:/([^/@]+)@([^/@]+)", uri.strip())
-    if not match:
-        raise SettingsError(f"CLASSIFIER_FOLLOW={uri!r} must look like models:/NAME@ALIAS.")
-    return match.group(1), match.group(2)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def file_checksums(folder: Path) -> dict[str, str]:
-    """sha256 of the model files under ``folder`` (found at any depth: MLflow puts extras in extra_files/)."""
-    found = {}
-    for name in MODEL_FILES:
-        match = next(iter(sorted(folder.rglob(name))), None)
-        if match is not None:
-            found[name] = sha256(match)
-    return found
-
-
-def probe_images(size: int, n: int = 16) -> np.ndarray:
-    """Fixed images (seeded noise): a model must give finite probabilities that sum to 1 on them."""
-    return np.random.default_rng(0).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
 
 
 class RegistryClient:
@@ -156,17 +124,17 @@ def load_version(client: RegistryClient, name: str, found: dict[str, Any], scrat
         missing = [file for file in REQUIRED_FILES if file not in recorded]
         if missing:
             raise Refused(f"version {version} has no {missing[0]}.")
-        for file, digest in recorded.items():
-            if (folder / file).is_file() and sha256(folder / file) != digest:
-                raise Refused(f"version {version}'s {file} does not match the checksum its run recorded.")
+        changed = [file for file in modified_files(folder, recorded) if (folder / file).is_file()]
+        if changed:
+            raise Refused(f"version {version}'s {changed[0]} does not match the checksum its run recorded.")
         metadata = json.loads((folder / METADATA_FILE).read_text())
         if classes is not None and list(metadata.get("classes", [])) != list(classes):
             raise Refused(f"version {version} has classes {metadata.get('classes')}, the served model {classes}.")
         model = OnnxClassifier(folder / ONNX_FILE, metadata, threads=threads, spinning=spinning)
-        probabilities = model.predict_proba(probe_images(model.image_size))
-        if not np.isfinite(probabilities).all() or np.abs(probabilities.sum(1) - 1).max() > 1e-4:
-            raise Refused(f"version {version} gives probabilities that are not finite or do not sum to 1 "
-                          "on the probe images.")
+        try:
+            check_answers(model)
+        except ModelError as error:
+            raise Refused(f"version {version}: {error}") from None
         explainer = None
         if (folder / EXPLAIN_ONNX).is_file() and (folder / EXPLAIN_JSON).is_file():
             graph, explain_info = (folder / EXPLAIN_ONNX).read_bytes(), json.loads((folder / EXPLAIN_JSON).read_text())
@@ -206,9 +174,11 @@ class Follower:
     on_event: Callable[[str], None] = lambda kind: None  # "swap" or "refusal": the service counts them
 
     def __post_init__(self) -> None:
-        self.name, self.alias = parse_alias_uri(self.target)
+        parsed = parse_alias_uri(self.target)
+        if parsed is None:
+            raise ValueError(f"{self.target!r} must look like models:/NAME@ALIAS.")
+        self.name, self.alias = parsed
         self.client = RegistryClient(self.tracking_uri)
-        self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def initial(self) -> Served:
@@ -260,14 +230,12 @@ class Follower:
 
     def start(self) -> None:
         def loop() -> None:
-            while not self._stop.wait(self.interval):
+            while True:  # a daemon thread: it ends with the worker
+                time.sleep(self.interval)
                 self.check()
 
         self._thread = threading.Thread(target=loop, name="follow-registry", daemon=True)
         self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def status(self) -> dict[str, Any]:
         return {
