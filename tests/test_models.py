@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from pipeline.models import MODELS, build_model, count_parameters
+from pipeline.models import build_model, count_parameters, discover
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(discover()))
 @pytest.mark.parametrize("num_classes", [2, 4])
 def test_every_model_forward_and_backward(name, num_classes):
     torch.manual_seed(0)

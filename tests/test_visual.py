@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline.runtime import pictures
-from pipeline.explain import ExplainNet, gradcam_autograd
+from pipeline.explain_graph import ExplainNet, gradcam_autograd
 from pipeline.models import build_model
 from pipeline.module import Classifier
 from test_service import assert_bad_inputs_rejected, toy_files
@@ -59,7 +59,7 @@ def test_gradcam_without_autograd_equals_autograd(arch, args):
 
 
 def test_a_head_grad_cam_cannot_go_through_is_named():
-    from pipeline.explain import head_gradients
+    from pipeline.explain_graph import head_gradients
 
     with pytest.raises(ValueError, match="cannot go back through Sigmoid"):
         head_gradients([torch.nn.Flatten(), torch.nn.Sigmoid(), torch.nn.Linear(16, 4)], torch.rand(2, 1, 4, 4))

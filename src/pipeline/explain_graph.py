@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX
+from pipeline.runtime.model_folder import EXPLAIN_JSON, EXPLAIN_ONNX
+
+if TYPE_CHECKING:
+    from pipeline.runtime.onnx_model import OnnxClassifier
+from pipeline.models.contract import is_2x2, is_global
 from pipeline.models.layers import Scale
 
 
@@ -85,27 +90,16 @@ def head_gradients(layers: list[nn.Module], features: torch.Tensor) -> tuple[tor
             pass
         elif isinstance(layer, nn.Flatten):
             grad = grad.reshape(n, k, *inp.shape[1:])
-        elif isinstance(layer, nn.AdaptiveAvgPool2d) and _is_global(layer):
+        elif isinstance(layer, nn.AdaptiveAvgPool2d) and is_global(layer):
             grad = grad.expand(n, k, *inp.shape[1:]) / float(inp.shape[-1] * inp.shape[-2])
-        elif isinstance(layer, nn.AdaptiveMaxPool2d) and _is_global(layer):
+        elif isinstance(layer, nn.AdaptiveMaxPool2d) and is_global(layer):
             mask = (inp == inp.amax(dim=(2, 3), keepdim=True)).to(inp.dtype)
             grad = grad * (mask / mask.sum(dim=(2, 3), keepdim=True)).unsqueeze(1)
-        elif isinstance(layer, nn.MaxPool2d) and _is_2x2(layer):
+        elif isinstance(layer, nn.MaxPool2d) and is_2x2(layer):
             grad = _unpool2x2(grad, inp, out)
         else:
             raise ValueError(f"Grad-CAM cannot go back through {layer!r} in the head.")
     return logits, grad
-
-
-def _is_global(layer: nn.Module) -> bool:
-    size = layer.output_size
-    return size == 1 if isinstance(size, int) else tuple(size) == (1, 1)
-
-
-def _is_2x2(layer: nn.MaxPool2d) -> bool:
-    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
-    return pair(layer.kernel_size) == (2, 2) and pair(layer.stride) == (2, 2) and pair(layer.padding) == (0, 0) \
-        and pair(layer.dilation) == (1, 1) and not layer.ceil_mode
 
 
 def gradcam(features: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -173,7 +167,7 @@ def describe(explain: ExplainNet, image_size: int) -> dict:
         "stages": stages,
         "cam_stage": explain.stage_names[-1],
         "first_layer": {"shape": list(conv.weight.shape), "weight": conv.weight.detach().cpu().tolist()},
-        "method": "Grad-CAM on the last stage; head backward written as forward ops (pipeline.explain)",
+        "method": "Grad-CAM on the last stage; head backward written as forward ops (pipeline.explain_graph)",
     }
 
 
@@ -225,7 +219,7 @@ def export_checked_explain(classifier: nn.Module, model: "OnnxClassifier", image
     its Grad-CAM against torch autograd. Returns the two largest differences; raises ModelError
     when they are over tolerance, ValueError when the net names no stages."""
     from pipeline.runtime.explainer import Explainer
-    from pipeline.runtime.onnx_model import ModelError
+    from pipeline.runtime.model_folder import ModelError
 
     export_explain(classifier, model.image_size, out)
     session = Explainer(out, model.classes).session

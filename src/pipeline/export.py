@@ -15,10 +15,10 @@ import torch
 from mlflow.models import infer_signature
 from torch import nn
 
-from pipeline.explain import export_checked_explain
-from pipeline.runtime.explainer import EXPLAIN_JSON, EXPLAIN_ONNX
-from pipeline.models import build_model
-from pipeline.runtime.onnx_model import METADATA_FILE, ONNX_FILE, PROBABILITIES, SCOPE_SCORE, OnnxClassifier
+from pipeline.explain_graph import export_checked_explain
+from pipeline.models import build_model, load_family_module
+from pipeline.runtime.model_folder import EXPLAIN_JSON, EXPLAIN_ONNX, METADATA_FILE, ONNX_FILE
+from pipeline.runtime.onnx_model import PROBABILITIES, SCOPE_SCORE, OnnxClassifier
 from pipeline.scope import Deployed
 
 WEIGHTS_FILE = "weights.pt"
@@ -92,12 +92,9 @@ def log_classifier(
             if checks["onnx_scope_score_max_abs_diff"] > 1e-4:
                 raise RuntimeError(f"ONNX out-of-scope scores disagree with torch by "
                                    f"{checks['onnx_scope_score_max_abs_diff']:.2e} (> 1e-4)")
-        extra_files = [str(meta_path), str(weights_path)]
-        try:
-            checks.update(export_checked_explain(classifier, onnx_model, example_images[:16], folder))
-            extra_files += [str(folder / EXPLAIN_ONNX), str(folder / EXPLAIN_JSON)]
-        except ValueError as error:  # a network without named stages: /classify works, /explain says why not
-            print(f"No explain graph for this model ({error}); /explain will answer 503.")
+        # Every family keeps the explain contract (checked when its network is built): the graph always exports.
+        checks.update(export_checked_explain(classifier, onnx_model, example_images[:16], folder))
+        extra_files = [str(meta_path), str(weights_path), str(folder / EXPLAIN_ONNX), str(folder / EXPLAIN_JSON)]
         example = example_images[:2].numpy().astype(np.float32) / 255.0
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)),
@@ -117,6 +114,7 @@ def rebuild_classifier(weights_path: Path, metadata: dict[str, Any]) -> nn.Modul
     """The torch net from a state_dict and its metadata: no pickled code is loaded."""
     from pipeline.module import Classifier
 
+    load_family_module(metadata.get("model_module", ""))
     net = build_model(metadata["arch"], len(metadata["classes"]), **metadata.get("model_args", {}))
     classifier = Classifier(net, metadata["mean"], metadata["std"], tta=int(metadata.get("tta", 0)),
                             temperature=float(metadata.get("temperature", 1.0)))

@@ -71,17 +71,19 @@ def activation(name: str) -> nn.Module:
     raise ValueError(f"activation must be 'gelu' or 'relu', got {name!r}")
 
 
-def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
-    # Dirac init: the first in_channels filters start as the identity (airbench ablation: faster start).
-    with torch.no_grad():
-        nn.init.dirac_(conv.weight[: min(in_channels, out_channels)])
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, dirac: bool = False) -> nn.Conv2d:
+    """3x3 convolution, padding 1, no bias. ``dirac``: the first ``in_channels`` filters start as the
+    identity (airbench's ablation: a faster start); otherwise PyTorch's default (Kaiming-uniform) init."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+    if dirac:
+        with torch.no_grad():
+            nn.init.dirac_(conv.weight[: min(in_channels, out_channels)])
     return conv
 
 
 def conv_pool_norm(in_channels: int, out_channels: int, act: str, pool: bool = True) -> list[nn.Module]:
     """conv -> (max-pool) -> BN -> activation: pooling before the norm makes BN and GELU 4x cheaper."""
-    layers: list[nn.Module] = [conv3x3(in_channels, out_channels)]
+    layers: list[nn.Module] = [conv3x3(in_channels, out_channels, dirac=True)]
     if pool:
         layers.append(nn.MaxPool2d(2))
     return layers + [FrozenScaleBatchNorm(out_channels), activation(act)]

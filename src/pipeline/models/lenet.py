@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.models import register
+
 
 class LeNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32) -> None:
@@ -37,7 +39,7 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
     def explain_stages(self) -> list[tuple[str, nn.Module]]:
-        """The stages whose outputs `pipeline.explain` shows; the last one gets the Grad-CAM."""
+        """The stages whose outputs `pipeline.explain_graph` shows; the last one gets the Grad-CAM."""
         f = self.features
         return [("conv1", nn.Sequential(f[0], f[1])), ("pool1", f[2]), ("conv2", nn.Sequential(f[3], f[4]))]
 
@@ -46,5 +48,6 @@ class LeNet(nn.Module):
         return [self.features[5], *self.classifier]
 
 
+@register("lenet")
 def lenet(num_classes: int, **kwargs) -> LeNet:
     return LeNet(num_classes=num_classes, **kwargs)

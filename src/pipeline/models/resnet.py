@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from torch.nn import functional as F
 
-from pipeline.models.layers import PatchWhitening, Residual, Scale, activation, conv_pool_norm
-
-
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+from pipeline.models import register
+from pipeline.models.layers import PatchWhitening, Residual, Scale, activation, conv3x3, conv_pool_norm
 
 
 class BasicBlock(nn.Module):
@@ -78,7 +76,7 @@ class ResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
     def explain_stages(self) -> list[tuple[str, nn.Module]]:
-        """The stages whose outputs `pipeline.explain` shows; the last one gets the Grad-CAM."""
+        """The stages whose outputs `pipeline.explain_graph` shows; the last one gets the Grad-CAM."""
         return [("stem", self.stem), *[(f"stage{i + 1}", stage) for i, stage in enumerate(self.stages)]]
 
     def explain_head(self) -> list[nn.Module]:
@@ -110,6 +108,7 @@ class ResNet9(nn.Module):
         return list(self.head)
 
 
+@register("resnet")
 def resnet(num_classes: int, variant: str = "cifar", **kwargs) -> nn.Module:
     if variant == "resnet9":
         return ResNet9(num_classes=num_classes, **kwargs)

@@ -13,6 +13,8 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from pipeline.models import register
+
 from pipeline.models.layers import PatchWhitening, Scale, activation, conv_pool_norm
 
 # Numbers are conv widths, "M" is a 2x2 max-pool.
@@ -103,6 +105,7 @@ class AirbenchVGG(nn.Module):
         return list(self.head)
 
 
+@register("vgg")
 def vgg(num_classes: int, cfg: str = "small", **kwargs) -> nn.Module:
     if cfg == "airbench":
         return AirbenchVGG(num_classes=num_classes, **kwargs)
