@@ -89,8 +89,8 @@ def train_and_dump(args: argparse.Namespace) -> None:
 
 
 def analyse(paths: list[str]) -> None:
-    from pipeline.calibration import fit_temperature
-    from pipeline.evaluation import auroc, calibration_scores, fpr_at_tpr
+    from pipeline.calibration import calibration_scores, fit_temperature
+    from pipeline.evaluation import auroc, fpr_at_tpr
     from pipeline.scope import knn_scores
 
     def softmax(z):

@@ -1,6 +1,7 @@
 import pytest
 
 from pipeline.config import available_models, flatten, resolve_config
+from pipeline.errors import ConfigError
 
 
 def test_every_family_has_a_config():
@@ -56,3 +57,53 @@ def test_command_line_numbers_and_whole_sections():
     config = resolve_config("vgg", "cpu", ["optim.weight_decay=5e-4", "model.args={cfg: small}"])
     assert config["optim"]["weight_decay"] == 0.0005  # YAML alone would read 5e-4 as text
     assert config["model"]["args"] == {"cfg": "small"}  # a whole section replaces the family's
+
+
+def test_config_checks_import_neither_torch_nor_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['lightning'] = None; "
+            "from pipeline.config import resolve_config; "
+            "[resolve_config(f, p) for f in ('lenet', 'vgg', 'resnet') for p in ('cpu', 'gpu')]; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_the_schema_names_what_the_classes_take():
+    """The torch-free key tables match the data module's, the optimiser settings' and Lightning's arguments."""
+    import dataclasses
+    import inspect
+
+    import lightning as L
+
+    from pipeline.config import DATA_KEYS, TRAINER_KEYS, OptimSettings
+    from pipeline.data import ImageFolderDataModule
+    from pipeline.module import LitClassifier
+
+    def defaults(function, skip=()):
+        return {name: p.default for name, p in inspect.signature(function).parameters.items()
+                if name not in ("self", *skip) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+    assert defaults(ImageFolderDataModule.__init__, ("data_dir",)) == DATA_KEYS
+    assert tuple(defaults(L.Trainer.__init__)) == TRAINER_KEYS
+    assert "optim" in defaults(LitClassifier.__init__) and dataclasses.is_dataclass(OptimSettings)
+
+
+def test_a_key_set_by_the_profile_and_the_model_is_refused(tmp_path):
+    import shutil
+
+    from pipeline.config import config_dir
+
+    shutil.copytree(config_dir(), tmp_path / "configs")
+    gpu = tmp_path / "configs" / "profile" / "gpu.yaml"
+    gpu.write_text(gpu.read_text().replace("data:\n", "data:\n  batch_size: 1024\n"))
+    with pytest.raises(ConfigError, match=r"data.batch_size is set in .*gpu.yaml and in .*\.yaml"):
+        resolve_config("vgg", "gpu", directory=tmp_path / "configs")
+    assert resolve_config("vgg", "cpu", directory=tmp_path / "configs")["data"]["batch_size"] == 512
+
+
+def test_lenet_learning_rate_follows_its_batch():
+    """Plain SGD: the GPU block's doubled batch comes with a doubled rate (linear scaling)."""
+    cpu, gpu = resolve_config("lenet", "cpu"), resolve_config("lenet", "gpu")
+    assert gpu["optim"]["lr"] / cpu["optim"]["lr"] == gpu["data"]["batch_size"] / cpu["data"]["batch_size"] == 2

@@ -186,24 +186,24 @@ def test_non_zero_ranks_wait_for_rank_zero_to_create_the_store(isolated_project,
 
 
 def test_a_gpu_torch_cannot_use_is_named(monkeypatch, tmp_path):
-    import pipeline.train as train
+    import pipeline.hardware as hardware
 
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(train.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
-    message = train.unusable_gpu()
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    message = hardware.unusable_gpu()
     assert message and "cannot use it" in message and "CPU recipe" in message
-    monkeypatch.setattr(train.shutil, "which", lambda name: None)
-    monkeypatch.setattr(train, "Path", lambda p: tmp_path / "no-such-device")
-    assert train.unusable_gpu() is None
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
+    monkeypatch.setattr(hardware, "Path", lambda p: tmp_path / "no-such-device")
+    assert hardware.unusable_gpu() is None
 
 
 def test_bf16_is_not_chosen_where_it_is_only_emulated(monkeypatch):
-    import pipeline.train as train
+    import pipeline.hardware as hardware
 
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train.torch.cuda, "is_bf16_supported",
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hardware.torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: including_emulation)  # a V100: emulation only
-    assert train.auto_precision("gpu") == "16-mixed"
+    assert hardware.auto_precision("gpu") == "16-mixed"
 
 
 def test_cutout_blanks_one_square_per_image_with_the_fill():

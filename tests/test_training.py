@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.data import load_image_folder
-from pipeline.module import ImageClassifier
+from pipeline.module import LitClassifier
 
 pytestmark = pytest.mark.slow
 TRAIN = ["--epochs", "8", "--set", "data.batch_size=32", "--set", "data.val_fraction=0.2",
@@ -104,7 +104,7 @@ def test_training_logs_runs_models_and_champion(trained, toy_folder, isolated_pr
     assert answer["out_of_scope_score"].shape == (40,)
     # The run logs its final weights (checkpoint.select: last).
     checkpoint = isolated_project / "checkpoints" / "cifar4" / best.info.run_id / "last.ckpt"
-    net = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).model.eval()
+    net = LitClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).model.eval()
     with torch.inference_mode():
         # model.onnx divides the logits by the temperature fitted on the validation split.
         expected = torch.softmax(net(images.float() / 255.0) / best.data.metrics["temperature"], dim=1).numpy()

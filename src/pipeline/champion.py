@@ -22,6 +22,14 @@ class ChampionDecision:
     promoted: bool
     table: Table
 
+    def sentence(self, name: str, alias: str) -> str:
+        """What happened to ``name@alias``, in one line (Rich markup)."""
+        if self.promoted:
+            return (f"[bold green]{name}@{alias}[/] -> version {self.version} "
+                    f"(val acc {self.best_val_acc:.4f}, was {self.previous_val_acc})")
+        return (f"{name}@{alias} stays at version {self.version} (val acc {self.previous_val_acc}); "
+                f"best run now {self.best_val_acc}")
+
 
 def candidate_runs(client: MlflowClient, experiment_id: str):
     """Finished runs that logged an MLflow Model, best validation accuracy first."""
@@ -95,7 +103,7 @@ def promote_champion(client: MlflowClient, experiment_id: str, name: str, alias:
 
 def move_alias(client: MlflowClient, name: str, alias: str, version: str) -> str:
     """Point ``name@alias`` at ``version`` by hand; returns a sentence saying what changed."""
-    from pipeline.runtime.onnx_model import ModelError
+    from pipeline.runtime.model_folder import ModelError
 
     try:
         target = client.get_model_version(name, str(version))

@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
 from pathlib import Path
 
-from rich.console import Console
+from pipeline.config import tracking_defaults
+from pipeline.console import console, errors
 
-# A log file or CI gets 140 columns and unwrapped lines: Rich's default of 80 folds tables into unreadable cells.
-console = Console(width=None if sys.stdout.isatty() else 140, soft_wrap=not sys.stdout.isatty())
-errors = Console(stderr=True, soft_wrap=True)
 DEFAULT_DATA = Path("data") / "cifar4"
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch
     from lightning.pytorch.utilities import rank_zero_only
-    from mlflow.tracking import MlflowClient
 
-    from pipeline.config import available_models, resolve_config
+    from pipeline.config import available_models
     from pipeline.data import resolve_data_dir
-    from pipeline.registry import promote_champion
-    from pipeline.tracking import setup_tracking
-    from pipeline.train import train_family, unusable_gpu
+    from pipeline.hardware import choose_profile, unusable_gpu
+    from pipeline.train import train_families
 
     data_dir = args.data
     if data_dir is None:
@@ -37,54 +32,28 @@ def _train(args: argparse.Namespace) -> int:
     resolve_data_dir(data_dir)  # fail before anything else when the folder is wrong
     if args.profile == "auto" and (problem := unusable_gpu()) and rank_zero_only.rank == 0:
         errors.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
-    profile = args.profile if args.profile != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     families = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else available_models()
     overrides = list(args.set or [])
     if args.epochs is not None:
         overrides.append(f"trainer.max_epochs={args.epochs}")
-    configs = [resolve_config(family, profile, overrides) for family in families]
-    experiment = args.experiment or configs[0]["tracking"]["experiment"]
-    nodes = max(int(c["trainer"].get("num_nodes", 1)) for c in configs)
-    uri, experiment_id = setup_tracking(experiment, nodes=nodes)
-    if rank_zero_only.rank == 0:
-        console.print(f"Profile [bold]{profile}[/], models {', '.join(families)}, data {data_dir}, "
-                      f"tracking {uri} (experiment {experiment!r})")
-    results = []
-    for config in configs:
-        started = time.perf_counter()
-        result = train_family(config, data_dir, experiment, uri, resume=args.resume)
-        if result is not None:
-            console.print(f"[green]{result.family}[/]: val acc {result.val_acc:.4f} in "
-                          f"{time.perf_counter() - started:.0f} s, run {result.run_id}, model {result.model_uri}")
-            results.append(result)
-    if rank_zero_only.rank != 0:
-        return 0
-    tracking = configs[0]["tracking"]
-    name, alias = args.registered_model or tracking["registered_model"], tracking["alias"]
-    decision = promote_champion(MlflowClient(uri), experiment_id, name, alias)
-    console.print(decision.table)
-    if decision.promoted:
-        console.print(f"[bold green]{name}@{alias}[/] -> version {decision.version} "
-                      f"(val acc {decision.best_val_acc:.4f}, was {decision.previous_val_acc})")
-    else:
-        console.print(f"{name}@{alias} stays at version {decision.version} "
-                      f"(val acc {decision.previous_val_acc}); best run now {decision.best_val_acc}")
+    train_families(families, choose_profile(args.profile), data_dir, overrides, resume=args.resume,
+                   experiment=args.experiment, registered_model=args.registered_model)
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import torch
     from mlflow.tracking import MlflowClient
 
+    from pipeline.champion import promote_champion
     from pipeline.config import resolve_config
     from pipeline.data import resolve_data_dir
-    from pipeline.registry import promote_champion
+    from pipeline.hardware import choose_profile
     from pipeline.sweep import run_sweep
     from pipeline.tracking import setup_tracking
 
     data_dir = args.data or str(DEFAULT_DATA)
     resolve_data_dir(data_dir)
-    profile = args.profile if args.profile != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    profile = choose_profile(args.profile)
     base = resolve_config(args.family, profile, list(args.set or []))
     experiment = args.experiment or base["tracking"]["experiment"]
     uri, experiment_id = setup_tracking(experiment)
@@ -96,59 +65,14 @@ def _sweep(args: argparse.Namespace) -> int:
                   + f". Parent run {result.parent_run_id}.")
     # The same rule as `make train`: the best finished run of the experiment becomes the champion.
     name, alias = base["tracking"]["registered_model"], base["tracking"]["alias"]
-    decision = promote_champion(MlflowClient(uri), experiment_id, name, alias)
-    if decision.promoted:
-        console.print(f"[bold green]{name}@{alias}[/] -> version {decision.version} (val acc {decision.best_val_acc:.4f})")
-    else:
-        console.print(f"{name}@{alias} stays at version {decision.version} (val acc {decision.previous_val_acc})")
+    console.print(promote_champion(MlflowClient(uri), experiment_id, name, alias).sentence(name, alias))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import mlflow
-    import numpy as np
+    from pipeline.evaluation import evaluate_model
 
-    from pipeline.data import DataError, load_image_folder, resolve_data_dir
-    from pipeline.evaluation import calibration_scores, score
-    from pipeline.runtime.onnx_model import OnnxClassifier
-    from pipeline.tracking import setup_tracking
-
-    _, experiment_id = setup_tracking(args.experiment)
-    model = OnnxClassifier.from_mlflow(args.model)
-    train_dir, test_dir = resolve_data_dir(args.data)
-    folder = test_dir or train_dir
-    data = load_image_folder(folder, model.image_size)
-    missing = sorted(set(data.classes) - set(model.classes))
-    if missing:
-        raise DataError(f"Folder {str(folder)!r} has classes the model does not know: {', '.join(missing)}.")
-    labels = np.array([model.classes.index(data.classes[i]) for i in data.labels.tolist()])
-    started = time.perf_counter()
-    probabilities, scope_scores = model.predict(data.images.numpy())
-    seconds = time.perf_counter() - started
-    scores = score(probabilities, labels, model.classes)
-    calibration = calibration_scores(probabilities, labels)
-    flagged = model.out_of_scope(scope_scores)
-    console.print(scores.table(f"{args.model} on {folder}: accuracy {scores.accuracy:.4f} "
-                               f"({len(labels):,} images, {len(labels) / seconds:,.0f} img/s)"))
-    console.print(f"calibration: mean top probability {calibration['mean_confidence']:.4f} against accuracy "
-                  f"{calibration['acc']:.4f}; ECE {calibration['ece']:.4f}, NLL {calibration['nll']:.4f}, "
-                  f"Brier {calibration['brier']:.4f}"
-                  + ("" if flagged is None else f"; flagged out of scope: {np.mean(flagged):.1%}"))
-    if args.log:
-        import tempfile
-
-        from pipeline.plots import plot_confusion_matrix
-
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate {Path(folder).name}") as run:
-            mlflow.set_tags({"kind": "evaluation", "model": args.model, "data_dir": str(folder),
-                             "data_fingerprint": data.fingerprint})
-            mlflow.log_metrics({**scores.metrics("eval/"), **{f"eval/{k}": v for k, v in calibration.items()},
-                                **({} if flagged is None else {"eval/out_of_scope_rate": float(np.mean(flagged))})})
-            with tempfile.TemporaryDirectory() as tmp:
-                path = plot_confusion_matrix(scores.confusion, model.classes, Path(tmp) / "confusion_matrix.png",
-                                             f"{args.model} on {folder}")
-                mlflow.log_artifact(str(path), artifact_path="plots")
-        console.print(f"Logged to MLflow run {run.info.run_id}")
+    evaluate_model(args.model, args.data, args.log, args.experiment)
     return 0
 
 
@@ -156,13 +80,15 @@ def _predict(args: argparse.Namespace) -> int:
     import mlflow
 
     from pipeline.predict import predict_folder
+    from pipeline.runtime.model_uri import parse_model_uri
     from pipeline.runtime.onnx_model import OnnxClassifier
     from pipeline.tracking import check_tracking, tracking_uri
 
     uri = tracking_uri()
     check_tracking(uri)
     mlflow.set_tracking_uri(uri)
-    if args.model.startswith("models:/"):
+    parsed = parse_model_uri(args.model)
+    if parsed is not None and parsed.name is not None:
         from mlflow.tracking import MlflowClient
 
         from pipeline.packaging import resolve_version
@@ -187,19 +113,18 @@ def _download(args: argparse.Namespace) -> int:
 def _champion(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.registry import promote_champion
+    from pipeline.champion import promote_champion
     from pipeline.tracking import setup_tracking
 
     uri, experiment_id = setup_tracking(args.experiment)
     if args.version is not None:
-        from pipeline.registry import move_alias
+        from pipeline.champion import move_alias
 
         console.print(move_alias(MlflowClient(uri), args.registered_model, args.alias, args.version))
         return 0
     decision = promote_champion(MlflowClient(uri), experiment_id, args.registered_model, args.alias)
     console.print(decision.table)
-    console.print(f"{args.registered_model}@{args.alias}: version {decision.version}"
-                  f"{' (promoted)' if decision.promoted else ''}")
+    console.print(decision.sentence(args.registered_model, args.alias))
     return 0
 
 
@@ -251,6 +176,8 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = tracking_defaults()
+    champion_uri = f"models:/{defaults['registered_model']}@{defaults['alias']}"
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -282,14 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score a registered model on an image folder")
     evaluate.add_argument("--data", required=True, help="image folder (its test/ split when it has one)")
-    evaluate.add_argument("--model", default="models:/cifar4-classifier@champion", help="MLflow model URI")
+    evaluate.add_argument("--model", default=champion_uri, help="MLflow model URI")
     evaluate.add_argument("--log", action="store_true", help="log the scores and confusion matrix to MLflow")
-    evaluate.add_argument("--experiment", default="cifar4-evaluations")
+    evaluate.add_argument("--experiment", default=f"{defaults['experiment']}-evaluations")
     evaluate.set_defaults(func=_evaluate)
 
     predict = sub.add_parser("predict", help="classify every image under a folder offline, write a CSV")
     predict.add_argument("folder", help="folder of images, searched recursively (no labels needed)")
-    predict.add_argument("--model", default="models:/cifar4-classifier@champion", help="MLflow model URI")
+    predict.add_argument("--model", default=champion_uri, help="MLflow model URI")
     predict.add_argument("--out", default="predictions.csv", help="CSV: path, label, one column per class, error")
     predict.add_argument("--threads", type=int, default=2, help="decode and ONNX Runtime threads")
     predict.set_defaults(func=_predict)
@@ -299,15 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(func=_download)
 
     champion = sub.add_parser("champion", help="re-run the champion selection over an experiment's runs")
-    champion.add_argument("--experiment", default="cifar4")
-    champion.add_argument("--registered-model", default="cifar4-classifier")
-    champion.add_argument("--alias", default="champion")
+    champion.add_argument("--experiment", default=defaults["experiment"])
+    champion.add_argument("--registered-model", default=defaults["registered_model"])
+    champion.add_argument("--alias", default=defaults["alias"])
     champion.add_argument("--version", help="point the alias at this registered version (promote or roll back "
                                             "by hand) instead of choosing the best run")
     champion.set_defaults(func=_champion)
 
     pack = sub.add_parser("package", help="store a registered model in BentoML and build the bento")
-    pack.add_argument("--model", default="models:/cifar4-classifier@champion",
+    pack.add_argument("--model", default=champion_uri,
                       help="models:/NAME@ALIAS or models:/NAME/VERSION")
     pack.add_argument("--no-build", action="store_true", help="store the BentoML model only, skip `bentoml build`")
     pack.set_defaults(func=_package)
@@ -335,12 +262,14 @@ def quiet_known_noise() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow's download progress bars fill logs and CI output with carriage-return lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = build_parser().parse_args(argv)
     quiet_known_noise()
     from mlflow.exceptions import MlflowException
 
     from pipeline.errors import ConfigError, DataError
-    from pipeline.runtime.onnx_model import ModelError
+    from pipeline.runtime.model_folder import ModelError
     from pipeline.tracking import TrackingError
 
     try:

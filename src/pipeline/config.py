@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-import inspect
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,12 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
 
 def resolve_config(family: str, profile: str, overrides: list[str] | None = None,
                    directory: Path | None = None) -> dict:
-    """The full config of one training run."""
+    """The full config of one training run.
+
+    The profile says what the machine is (accelerator, precision, checkpoint cadence, eval batch); the
+    model YAML says what the recipe is on each kind of machine (its top level, and its ``gpu:`` block).
+    A key set in both would be overridden silently, so it is refused.
+    """
     directory = directory or config_dir()
     if profile not in PROFILES:
         raise ConfigError(f"Unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
@@ -92,7 +97,13 @@ def resolve_config(family: str, profile: str, overrides: list[str] | None = None
         )
     model = _read(model_file)
     profile_blocks = {name: model.pop(name, {}) for name in PROFILES}
-    config = deep_merge(_read(directory / "data.yaml"), _read(directory / "profile" / f"{profile}.yaml"))
+    profile_file = directory / "profile" / f"{profile}.yaml"
+    machine = _read(profile_file)
+    both = sorted(set(flatten(machine)) & (set(flatten(model)) | set(flatten(profile_blocks[profile]))))
+    if both:
+        raise ConfigError(f"{both[0]} is set in {profile_file} and in {model_file}: a profile says what the machine "
+                          f"is, a model YAML (and its {profile}: block) what the recipe is; set it in one of them.")
+    config = deep_merge(_read(directory / "data.yaml"), machine)
     config = deep_merge(config, model)
     config = deep_merge(config, profile_blocks[profile])
     config["family"] = family
@@ -102,24 +113,55 @@ def resolve_config(family: str, profile: str, overrides: list[str] | None = None
     return config
 
 
-def _parameters(function, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """name -> default (inspect.Parameter.empty when required) of a callable's keyword parameters."""
-    return {name: p.default for name, p in inspect.signature(function).parameters.items()
-            if name not in skip and name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+def tracking_defaults(directory: Path | None = None) -> dict[str, str]:
+    """``tracking:`` of ``data.yaml``: the experiment, registered model and alias every command defaults to."""
+    tracking = _read((directory or config_dir()) / "data.yaml").get("tracking") or {}
+    return {"experiment": tracking.get("experiment", "cifar4"),
+            "registered_model": tracking.get("registered_model", "cifar4-classifier"),
+            "alias": tracking.get("alias", "champion")}
+
+
+@dataclass
+class OptimSettings:
+    """``optim:`` of a run's config: the optimiser recipe and its numbers (the LightningModule reads these)."""
+    recipe: str = "sgd"              # sgd (plain SGD-Nesterov) or airbench (pipeline.recipe)
+    lr: float = 0.1                  # sgd: the rate; airbench: per 1024 examples
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: str = "onecycle"       # sgd: onecycle or cosine
+    warmup_fraction: float = 0.2
+    bias_lr_scale: float = 64.0      # airbench: BatchNorm biases learn this much faster
+    lookahead: bool = False
+    whiten_bias_epochs: int = 3      # airbench: the whitening layer's bias learns for this many epochs
+    lr_start: float = 0.2            # airbench: warm-up starts at this share of lr
+    lr_end: float = 0.07             # airbench: decay ends at this share of lr
+
+
+# The keys of each section with a default that gives the type (None: any type). Kept here, not read
+# from the classes' signatures, so that checking a config imports neither torch nor Lightning;
+# tests/test_config.py checks that they match ImageFolderDataModule, OptimSettings and L.Trainer.
+DATA_KEYS = {"image_size": 32, "val_fraction": 0.1, "test_fraction": 0.1, "batch_size": 128, "eval_batch_size": 512,
+             "seed": 42, "crop_padding": 4, "pad_mode": "constant", "flip": True, "cutout": 0, "zoom": 0.0,
+             "color_jitter": 0.0, "on_bad_image": "error", "cache_dir": None}
+TRAINER_KEYS = (
+    "accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "fast_dev_run",
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
+    "limit_test_batches", "limit_predict_batches", "overfit_batches", "val_check_interval",
+    "check_val_every_n_epoch", "num_sanity_val_steps", "log_every_n_steps", "enable_checkpointing",
+    "enable_progress_bar", "enable_model_summary", "accumulate_grad_batches", "gradient_clip_val",
+    "gradient_clip_algorithm", "deterministic", "benchmark", "inference_mode", "use_distributed_sampler",
+    "profiler", "detect_anomaly", "barebones", "plugins", "sync_batchnorm", "reload_dataloaders_every_n_epochs",
+    "default_root_dir", "enable_autolog_hparams", "model_registry")
 
 
 def schema() -> dict[str, dict[str, Any]]:
     """Every section's known keys with a default that gives its type (None: any type)."""
-    import lightning as L
-
-    from pipeline.data import ImageFolderDataModule
-    from pipeline.module import ImageClassifier
-
     return {
-        "data": _parameters(ImageFolderDataModule.__init__, ("data_dir",)),
-        "optim": _parameters(ImageClassifier.__init__, ("arch", "model_args", "classes", "mean", "std", "image_size")),
-        "trainer": {name: None for name in _parameters(L.Trainer.__init__)},
-        "model": {"arch": "", "args": None, "tta": 0},
+        "data": dict(DATA_KEYS),
+        "optim": {f.name: f.default for f in fields(OptimSettings)},
+        "trainer": {name: None for name in TRAINER_KEYS},
+        "model": {"arch": "", "args": None, "tta": 0, "module": ""},
         "tracking": {"experiment": "", "registered_model": "", "alias": "", "system_metrics_interval_s": 10.0},
         "checkpoint": {"every_n_epochs": 1, "select": "last"},
         "calibration": {"temperature": True},
@@ -136,7 +178,7 @@ def _type_name(value: Any) -> str:
 
 
 def _fits(value: Any, default: Any) -> bool:
-    if default is None or default is inspect.Parameter.empty or value is None:
+    if default is None or value is None:
         return True
     if isinstance(default, bool) or isinstance(value, bool):
         # flip accepts true/false or "alternate"; other bools must stay bools
@@ -152,6 +194,11 @@ def _fits(value: Any, default: Any) -> bool:
 
 def validate(config: dict) -> None:
     """Refuse unknown keys (naming the closest known ones) and values of the wrong type."""
+    optim = config.get("optim") or {}
+    if optim.get("recipe", "sgd") not in ("sgd", "airbench"):
+        raise ConfigError(f"Config key optim.recipe must be sgd or airbench, got {optim['recipe']!r}.")
+    if optim.get("schedule", "onecycle") not in ("onecycle", "cosine"):
+        raise ConfigError(f"Config key optim.schedule must be onecycle or cosine, got {optim['schedule']!r}.")
     select = (config.get("checkpoint") or {}).get("select", "last")
     if select not in ("last", "best"):
         raise ConfigError(f"Config key checkpoint.select must be last or best, got {select!r}.")

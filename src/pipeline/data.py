@@ -402,10 +402,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.test_images, self.test_labels = test.images, test.labels
         self._prepared = True
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def summary(self) -> dict:
         self.prepare()
         return {

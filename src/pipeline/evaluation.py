@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
+from pipeline.calibration import calibration_scores
+
 
 @dataclass
 class Scores:
@@ -41,37 +43,6 @@ def score(probabilities: np.ndarray, labels: np.ndarray, classes: list[str]) -> 
     per_class = {name: float(confusion[i, i] / totals[i]) if totals[i] else float("nan")
                  for i, name in enumerate(classes)}
     return Scores(float((predicted == labels).mean()), per_class, confusion, list(classes))
-
-
-def calibration_scores(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, float]:
-    """Accuracy, mean top probability, ECE (``bins`` equal-width bins of the top probability), negative
-    log-likelihood and Brier score (sum over classes of the squared error, mean over images)."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    labels = np.asarray(labels)
-    top = probabilities.max(axis=1)
-    right = probabilities.argmax(axis=1) == labels
-    counts, confidence, accuracy = reliability(probabilities, labels, bins)
-    ece = float(np.sum(counts * np.abs(confidence - accuracy)) / max(1, len(labels)))
-    onehot = np.eye(probabilities.shape[1])[labels]
-    return {
-        "acc": float(right.mean()), "mean_confidence": float(top.mean()), "ece": ece,
-        "nll": float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-12, None)).mean()),
-        "brier": float(((probabilities - onehot) ** 2).sum(axis=1).mean()),
-    }
-
-
-def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per bin of the top probability (equal width on [0, 1]): image count, mean top probability, accuracy
-    (0 where a bin is empty)."""
-    top = probabilities.max(axis=1)
-    right = (probabilities.argmax(axis=1) == labels).astype(np.float64)
-    which = np.clip((top * bins).astype(int), 0, bins - 1)
-    counts = np.bincount(which, minlength=bins).astype(np.float64)
-    safe = np.maximum(counts, 1)
-    confidence = np.bincount(which, weights=top, minlength=bins) / safe
-    accuracy = np.bincount(which, weights=right, minlength=bins) / safe
-    return counts, confidence, accuracy
 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
@@ -147,3 +118,54 @@ def folder_metrics(folder: EvalFolder, probabilities: np.ndarray, flagged: np.nd
         calibration = calibration_scores(probabilities, folder.labels)
         out.update({f"{prefix}{key}": calibration[key] for key in ("ece", "nll", "brier")})
     return out
+
+
+def evaluate_model(model_uri: str, data: str, log: bool, experiment: str) -> None:
+    """``pipeline evaluate``: score a logged or registered model on a labelled folder (its ``test/`` split
+    when it has one) with the served graph; print accuracy, calibration and the flagged share; with ``log``,
+    an MLflow run in ``experiment`` with the scores and the confusion matrix."""
+    import tempfile
+    import time
+
+    import mlflow
+
+    from pipeline.console import console
+    from pipeline.data import DataError, load_image_folder, resolve_data_dir
+    from pipeline.runtime.onnx_model import OnnxClassifier
+    from pipeline.tracking import setup_tracking
+
+    _, experiment_id = setup_tracking(experiment)
+    model = OnnxClassifier.from_mlflow(model_uri)
+    train_dir, test_dir = resolve_data_dir(data)
+    folder = test_dir or train_dir
+    images = load_image_folder(folder, model.image_size)
+    missing = sorted(set(images.classes) - set(model.classes))
+    if missing:
+        raise DataError(f"Folder {str(folder)!r} has classes the model does not know: {', '.join(missing)}.")
+    labels = np.array([model.classes.index(images.classes[i]) for i in images.labels.tolist()])
+    started = time.perf_counter()
+    probabilities, scope_scores = model.predict(images.images.numpy())
+    seconds = time.perf_counter() - started
+    scores = score(probabilities, labels, model.classes)
+    calibration = calibration_scores(probabilities, labels)
+    flagged = model.out_of_scope(scope_scores)
+    console.print(scores.table(f"{model_uri} on {folder}: accuracy {scores.accuracy:.4f} "
+                               f"({len(labels):,} images, {len(labels) / seconds:,.0f} img/s)"))
+    console.print(f"calibration: mean top probability {calibration['mean_confidence']:.4f} against accuracy "
+                  f"{calibration['acc']:.4f}; ECE {calibration['ece']:.4f}, NLL {calibration['nll']:.4f}, "
+                  f"Brier {calibration['brier']:.4f}"
+                  + ("" if flagged is None else f"; flagged out of scope: {np.mean(flagged):.1%}"))
+    if not log:
+        return
+    from pipeline.plots import plot_confusion_matrix
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate {Path(folder).name}") as run:
+        mlflow.set_tags({"kind": "evaluation", "model": model_uri, "data_dir": str(folder),
+                         "data_fingerprint": images.fingerprint})
+        mlflow.log_metrics({**scores.metrics("eval/"), **{f"eval/{k}": v for k, v in calibration.items()},
+                            **({} if flagged is None else {"eval/out_of_scope_rate": float(np.mean(flagged))})})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = plot_confusion_matrix(scores.confusion, model.classes, Path(tmp) / "confusion_matrix.png",
+                                         f"{model_uri} on {folder}")
+            mlflow.log_artifact(str(path), artifact_path="plots")
+    console.print(f"Logged to MLflow run {run.info.run_id}")

@@ -23,11 +23,9 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from pipeline.config import OptimSettings
 from pipeline.models import build_model
 from pipeline.recipe import Lookahead, lr_factor, optimizer_groups, tta_logits, tta_views
-
-RECIPES = ("sgd", "airbench")
-
 
 class Classifier(nn.Module):
     """Normalization + network: takes float images in [0, 1], returns logits.
@@ -86,34 +84,13 @@ def split_head(net: nn.Module) -> tuple[nn.Module, nn.Module]:
     return body, nn.Sequential(*head[linear[-1]:])
 
 
-class ImageClassifier(L.LightningModule):
-    def __init__(
-        self,
-        arch: str,
-        model_args: dict[str, Any],
-        classes: list[str],
-        mean: list[float],
-        std: list[float],
-        image_size: int = 32,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        label_smoothing: float = 0.0,
-        schedule: str = "onecycle",
-        warmup_fraction: float = 0.2,
-        recipe: str = "sgd",
-        bias_lr_scale: float = 64.0,
-        lookahead: bool = False,
-        whiten_bias_epochs: int = 3,
-        lr_start: float = 0.2,
-        lr_end: float = 0.07,
-        tta: int = 0,
-    ) -> None:
+class LitClassifier(L.LightningModule):
+    """The training side of a :class:`Classifier`: loss, metrics, lookahead and the optimiser (``optim:``)."""
+
+    def __init__(self, arch: str, model_args: dict[str, Any], classes: list[str], mean: list[float], std: list[float],
+                 tta: int = 0, optim: dict[str, Any] | None = None) -> None:
         super().__init__()
-        if schedule not in ("onecycle", "cosine"):
-            raise ValueError(f"schedule must be 'onecycle' or 'cosine', got {schedule!r}")
-        if recipe not in RECIPES:
-            raise ValueError(f"optim.recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        self.optim = OptimSettings(**(optim or {}))
         self.save_hyperparameters()
         self.classes = list(classes)
         num_classes = len(self.classes)
@@ -134,7 +111,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.optim.label_smoothing)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -169,7 +146,7 @@ class ImageClassifier(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], sync_dist=True)
 
     def on_fit_start(self) -> None:
-        if self.hparams.lookahead and self.lookahead is None:
+        if self.optim.lookahead and self.lookahead is None:
             self.lookahead = Lookahead(self.model)
         elif self.lookahead is not None:  # restored from a checkpoint, maybe on another device
             self.lookahead.to(self.device)
@@ -188,12 +165,12 @@ class ImageClassifier(L.LightningModule):
             checkpoint["lookahead"] = self.lookahead.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "lookahead" in checkpoint and self.hparams.lookahead:
+        if "lookahead" in checkpoint and self.optim.lookahead:
             self.lookahead = Lookahead(self.model)
             self.lookahead.load_state_dict(checkpoint["lookahead"])
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.optim
         if hp.recipe == "airbench":
             return self._airbench_optimizer()
         # No weight decay on biases and BatchNorm parameters.
@@ -215,11 +192,14 @@ class ImageClassifier(L.LightningModule):
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _airbench_optimizer(self):
-        hp = self.hparams
+    def _global_batch(self) -> int:
         dm = self.trainer.datamodule
-        batch_size = dm.rank_batch_size() * self.trainer.world_size if dm is not None else 512  # the global batch
-        groups = optimizer_groups(self.model, hp.lr, hp.weight_decay, hp.momentum, batch_size, hp.bias_lr_scale)
+        return dm.rank_batch_size() * self.trainer.world_size if dm is not None else 512
+
+    def _airbench_optimizer(self):
+        hp = self.optim
+        groups = optimizer_groups(self.model, hp.lr, hp.weight_decay, hp.momentum, self._global_batch(),
+                                  hp.bias_lr_scale)
         total = int(self.trainer.estimated_stepping_batches)
 
         def factor(step: int) -> float:

@@ -84,7 +84,7 @@ def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]
                      bins: int = 15) -> Path:
     """One panel per split: accuracy against mean top probability in ``bins`` equal-width bins, after
     calibration (bars, with the image count on each) and before (line); the diagonal is perfect."""
-    from pipeline.evaluation import calibration_scores, reliability
+    from pipeline.calibration import calibration_scores, reliability
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 5), dpi=100, squeeze=False)
     edges = np.linspace(0, 1, bins + 1)

@@ -1,15 +1,129 @@
-"""The data a run used, as MLflow dataset inputs: the UI's Datasets column shows which runs share data."""
+"""A training run's bookkeeping in MLflow: which run to resume, what it records before and after the fit.
+
+- resume: a run is resumed when its family, config digest (the resolved config plus the data's
+  fingerprint) and ``last.ckpt`` match;
+- before the fit: params (the flattened config), tags (family, git commit, data, checkpoint folder),
+  one dataset input per split, the skipped images, ``config.yaml``;
+- during the fit: system metrics (CPU, memory, GPU) in a thread;
+- after the fit: time per epoch, peak GPU memory, precision and device;
+- the curves, read back for the plots.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import yaml
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag
+from mlflow.entities import DatasetInput, InputTag, Metric
 from mlflow.tracking import MlflowClient
+
+from pipeline.config import flatten
+from pipeline.tracking import git_commit
+
+CURVE_METRICS = ("train/loss", "val/loss", "train/acc", "val/acc")
+
+
+@dataclass
+class RunResult:
+    family: str
+    run_id: str
+    val_acc: float
+    model_uri: str
+    test_acc: Optional[float] = None
+    pruned: bool = False  # a sweep's pruner stopped it early: no model, not a champion candidate
+
+
+def config_digest(config: dict, fingerprint: str) -> str:
+    """What a checkpoint must match to be resumed: the resolved config and the data."""
+    text = json.dumps({k: v for k, v in config.items() if k != "tracking"}, sort_keys=True, default=str)
+    return hashlib.sha256(f"{text}\n{fingerprint}".encode()).hexdigest()[:16]
+
+
+def find_resumable_run(client: MlflowClient, experiment_id: str, family: str,
+                       digest: Optional[str] = None) -> Optional[tuple[str, Path]]:
+    """The newest unfinished run of ``family`` with the same config and data that left a ``last.ckpt``.
+
+    Matching on the config digest keeps a GPU machine from resuming a CPU run of another width.
+    """
+    where = f"tags.family = '{family}' and attributes.status != 'FINISHED'"
+    if digest:
+        where += f" and tags.config_digest = '{digest}'"
+    runs = client.search_runs([experiment_id], where, order_by=["attributes.start_time DESC"], max_results=5)
+    for run in runs:
+        last = Path(run.data.tags.get("checkpoint_dir", "")) / "last.ckpt"
+        if last.is_file():
+            return run.info.run_id, last
+    return None
+
+
+def metric_history(client: MlflowClient, run_id: str) -> dict[str, list[float]]:
+    history = {}
+    for name in CURVE_METRICS:
+        points = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+        history[name] = [m.value for m in points]
+    return history
+
+
+def log_run_start(logger: Any, config: dict, data_dir: str, dm: Any, tags: dict[str, str],
+                  n_parameters: int) -> None:
+    """Params, tags, dataset inputs, skipped images and ``config.yaml`` of a new run (not of a resumed one).
+
+    ``logger`` is the run's Lightning MLFlowLogger (it batches and truncates params the way MLflow needs).
+    """
+    from pipeline.data import resolve_data_dir
+
+    client, run_id, summary = logger.experiment, logger.run_id, dm.summary()
+    logger.log_hyperparams(flatten({k: v for k, v in config.items() if k != "tracking"}))
+    logger.log_hyperparams({"n_parameters": n_parameters, "data.train_size": summary["train_size"],
+                            "data.val_size": summary["val_size"], "data.test_size": summary["test_size"],
+                            "data.test_source": summary["test_source"], "data.fingerprint": summary["fingerprint"],
+                            "data.skipped_images": summary["skipped_images"]})
+    if dm.skipped:  # on_bad_image=skip: how many files were left out, and which
+        client.log_metric(run_id, "data_skipped_images", len(dm.skipped))
+        client.log_text(run_id, "\n".join(dm.skipped) + "\n", "data/skipped_images.txt")
+    for key, value in {"git_commit": git_commit(), "data_dir": str(data_dir),
+                       "data_fingerprint": summary["fingerprint"], **tags}.items():
+        client.set_tag(run_id, key, value)
+    log_split_inputs(client, run_id, resolve_data_dir(data_dir)[0], dm.fingerprint, dm.split_counts())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump({**config, "data_dir": str(data_dir)}, sort_keys=False))
+        client.log_artifact(run_id, str(path))
+
+
+class SystemMetrics:
+    """CPU, memory, disk and network (and GPU utilisation and memory where nvidia-ml-py is there) as
+    ``system/*`` metrics of the run, every ``interval`` seconds, in a thread."""
+
+    def __init__(self, run_id: str, tracking_uri: str, interval: float, resumed: bool) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=tracking_uri,
+                                            resume_logging=resumed)
+        self.monitor.start()
+
+    def finish(self) -> None:
+        self.monitor.finish()
+        # One closing sample: a run shorter than the interval would otherwise log none.
+        self.monitor.collect_metrics()
+        self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+        self.monitor.mlflow_logger.flush()
+
+
+def log_fit_facts(client: MlflowClient, run_id: str, facts: dict[str, float], tags: dict[str, str]) -> None:
+    """What bench/train_budget.py and bench/gpu_check.sh report per family: time per epoch, peak memory."""
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in facts.items()])
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 class ImageFolderDataset(MetaDataset):

@@ -1,7 +1,8 @@
 """Hyperparameter sweeps: an Optuna study whose trials are nested MLflow runs under one parent run.
 
 ``pipeline sweep --family vgg --trials 20`` (``make sweep``) samples the config paths listed in
-``configs/sweep/<family>.yaml`` with TPE, trains each trial with the same code as ``make train``
+``configs/sweep/<family>.yaml`` (or, without that file, the family's learning rate, weight decay and
+epochs around their configured values) with TPE, trains each trial with the same code as ``make train``
 (same logging, same test split), and stops bad trials early with a median pruner on the
 per-epoch validation accuracy. The study lives in ``optuna.db`` next to ``mlflow.db``: a killed
 sweep started again with the same command continues it, and re-runs the trial that was cut off.
@@ -41,14 +42,28 @@ class SweepResult:
     pruned: int
 
 
-def load_space(family: str, fixed_epochs: bool, directory: Path | None = None) -> tuple[dict, dict]:
-    """(params, pruner) of ``configs/sweep/<family>.yaml``, checked against the config schema."""
+def default_space(base: dict) -> dict:
+    """The search space of a family without ``configs/sweep/<family>.yaml``: its learning rate and weight
+    decay from a third to three times the configured values (log scale), and its epochs +/- a third."""
+    optim, epochs = base.get("optim") or {}, int(base["trainer"].get("max_epochs") or 10)
+    lr, decay = float(optim.get("lr", 0.1)), float(optim.get("weight_decay", 5e-4))
+    params = {"optim.lr": {"float": [lr / 3, lr * 3], "log": True},
+              "optim.weight_decay": {"float": [decay / 3, decay * 3], "log": True},
+              "trainer.max_epochs": {"int": [max(1, round(epochs * 2 / 3)), max(2, round(epochs * 4 / 3))]}}
+    return {"params": params, "pruner": {"startup_trials": 3, "warmup_epochs": max(1, epochs // 5)}}
+
+
+def load_space(family: str, fixed_epochs: bool, directory: Path | None = None,
+               base: dict | None = None) -> tuple[dict, dict]:
+    """(params, pruner) of ``configs/sweep/<family>.yaml`` (else :func:`default_space` of the family's
+    config ``base``), checked against the config schema."""
     path = (directory or config_dir()) / "sweep" / f"{family}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"No search space {str(path)!r} for family {family!r}: sweeps exist for "
-                          f"{', '.join(known) or 'no family'}.")
-    spec = yaml.safe_load(path.read_text()) or {}
+    if path.exists():
+        spec = yaml.safe_load(path.read_text()) or {}
+    elif base is not None:
+        spec = default_space(base)
+    else:
+        raise ConfigError(f"No search space {str(path)!r} for family {family!r}, and no config to derive one from.")
     params, pruner = dict(spec.get("params") or {}), dict(spec.get("pruner") or {})
     known = schema()
     for key, rule in params.items():
@@ -88,7 +103,7 @@ class PruneOnValAcc(L.Callback):
             self.pruned, trainer.should_stop = True, True
 
 
-def _parent_run(client: MlflowClient, experiment_id: str, study: str, family: str, trials: int) -> str:
+def _parent_run(client: MlflowClient, experiment_id: str, study: str, family: str) -> str:
     """The study's parent run: the unfinished one of an interrupted sweep, or a new one."""
     found = client.search_runs([experiment_id], f"tags.sweep_study = '{study}' and attributes.status != 'FINISHED'",
                                order_by=["attributes.start_time DESC"], max_results=1)
@@ -119,7 +134,7 @@ def run_sweep(family: str, trials: int, profile: str, data_dir: str, experiment:
     from pipeline.train import train_family
 
     base = resolve_config(family, profile, overrides)  # fails now, in one sentence, on a bad --set
-    params, pruner_spec = load_space(family, fixed_epochs=epochs is not None)
+    params, pruner_spec = load_space(family, fixed_epochs=epochs is not None, base=base)
     study_name = study_name or f"{experiment}-{family}-{profile}" + (f"-{epochs}ep" if epochs else "")
     storage = f"sqlite:///{(project_dir() / STORAGE_FILE).resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -131,7 +146,7 @@ def run_sweep(family: str, trials: int, profile: str, data_dir: str, experiment:
     )
     requeued = _requeue_cut_off_trials(study)
     client = MlflowClient(tracking_uri)
-    parent = _parent_run(client, experiment_id, study_name, family, trials)
+    parent = _parent_run(client, experiment_id, study_name, family)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     remaining = max(0, trials - done)
     if console is not None:

@@ -1,97 +1,47 @@
-"""Train one network family: config -> datamodule -> LightningModule -> Trainer -> MLflow run."""
+"""Training: compose a data module, a LightningModule and a Trainer, fit, publish; families and the champion.
+
+- :func:`train_family`: one family's run, start to end. The run's bookkeeping (resume, params, tags,
+  dataset inputs, system metrics) is :mod:`pipeline.runs`; what happens after the fit (scoring,
+  calibration, plots, the model and its checksums) is :mod:`pipeline.publish`.
+- :func:`train_families`: ``pipeline train``: every family, then the champion rule
+  (:mod:`pipeline.champion`).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import lightning as L
-import mlflow
 import torch
-import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from rich.console import Console
 
-from pipeline.config import flatten
-from pipeline.data import ImageFolderDataModule, resolve_data_dir
-from pipeline.datasets import log_split_inputs
-from pipeline.evaluation import score
-from pipeline.export import log_classifier, torch_outputs
-from pipeline.models import count_parameters
-from pipeline.module import ImageClassifier
-from pipeline.explain import save_pictures
-from pipeline.trust import make_trustworthy
+from pipeline.console import console
+from pipeline.data import ImageFolderDataModule
+from pipeline.hardware import auto_precision
+from pipeline.models import count_parameters, load_family_module
+from pipeline.module import LitClassifier
 from pipeline.progress import EpochLines, progress_callback
-from pipeline.runtime.registry import CHECKSUM_TAG, file_checksums
-from pipeline.plots import plot_confusion_matrix, plot_learning_curves, plot_mistakes
-from pipeline.tracking import git_commit, project_dir
-
-# A log file or CI gets 140 columns and unwrapped lines: Rich's default of 80 folds tables into unreadable cells.
-console = Console(width=None if sys.stdout.isatty() else 140, soft_wrap=not sys.stdout.isatty())
-CURVE_METRICS = ("train/loss", "val/loss", "train/acc", "val/acc")
-
-
-@dataclass
-class RunResult:
-    family: str
-    run_id: str
-    val_acc: float
-    model_uri: str
-    test_acc: Optional[float] = None
-    pruned: bool = False  # a sweep's pruner stopped it early: no model, not a champion candidate
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 convolutions run about 1.8x faster than fp32 (bench/ measured)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def auto_precision(accelerator: str) -> str:
-    """bf16-mixed where the hardware does bf16 natively, 16-mixed on older GPUs, else fp32."""
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        # including_emulation=False: V100/T4 "support" bf16 only by emulation, far slower than fp16.
-        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
-    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
-
-
-def unusable_gpu() -> Optional[str]:
-    """A sentence when an NVIDIA GPU is present but torch cannot use CUDA (e.g. the driver is older than
-    torch's CUDA build), so that ``--profile auto`` does not silently train the CPU recipe."""
-    if torch.cuda.is_available():
-        return None
-    if not (Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi")):
-        return None
-    build = torch.version.cuda or "none (a CPU-only torch)"
-    return (f"An NVIDIA GPU is present but torch {torch.__version__} cannot use it (torch's CUDA build: {build}); "
-            "check `nvidia-smi` for the driver's CUDA version. Training on the CPU recipe.")
+from pipeline.publish import publish_run
+from pipeline.runs import (RunResult, SystemMetrics, config_digest, find_resumable_run, log_fit_facts, log_run_start,
+                           metric_history)
+from pipeline.tracking import project_dir
 
 
 def make_datamodule(config: dict, data_dir: str) -> ImageFolderDataModule:
     return ImageFolderDataModule(data_dir=data_dir, **config["data"])
 
 
-def make_module(config: dict, dm: ImageFolderDataModule) -> ImageClassifier:
+def make_module(config: dict, dm: ImageFolderDataModule) -> LitClassifier:
     dm.prepare()
-    module = ImageClassifier(
-        arch=config["model"]["arch"], model_args=config["model"].get("args") or {},
-        classes=dm.classes, mean=dm.mean, std=dm.std, image_size=config["data"]["image_size"],
-        tta=int(config["model"].get("tta", 0)), **config.get("optim", {}),
-    )
+    load_family_module(config["model"].get("module", ""))
+    module = LitClassifier(arch=config["model"]["arch"], model_args=config["model"].get("args") or {},
+                           classes=dm.classes, mean=dm.mean, std=dm.std, tta=int(config["model"].get("tta", 0)),
+                           optim=config.get("optim") or {})
     whiten = getattr(module.model.net, "whiten", None)
     if whiten is not None:
         # Patch-whitening filters from the training split (5,000 images are plenty; same on every rank).
@@ -100,35 +50,31 @@ def make_module(config: dict, dm: ImageFolderDataModule) -> ImageClassifier:
     return module
 
 
-def config_digest(config: dict, fingerprint: str) -> str:
-    """What a checkpoint must match to be resumed: the resolved config and the data."""
-    text = json.dumps({k: v for k, v in config.items() if k != "tracking"}, sort_keys=True, default=str)
-    return hashlib.sha256(f"{text}\n{fingerprint}".encode()).hexdigest()[:16]
+@dataclass
+class Fit:
+    trainer: L.Trainer
+    checkpoint: ModelCheckpoint
+    precision: str
 
 
-def find_resumable_run(client: MlflowClient, experiment_id: str, family: str,
-                       digest: Optional[str] = None) -> Optional[tuple[str, Path]]:
-    """The newest unfinished run of ``family`` with the same config and data that left a ``last.ckpt``.
-
-    Matching on the config digest keeps a GPU machine from resuming a CPU run of another width.
-    """
-    where = f"tags.family = '{family}' and attributes.status != 'FINISHED'"
-    if digest:
-        where += f" and tags.config_digest = '{digest}'"
-    runs = client.search_runs([experiment_id], where, order_by=["attributes.start_time DESC"], max_results=5)
-    for run in runs:
-        last = Path(run.data.tags.get("checkpoint_dir", "")) / "last.ckpt"
-        if last.is_file():
-            return run.info.run_id, last
-    return None
-
-
-def metric_history(client: MlflowClient, run_id: str) -> dict[str, list[float]]:
-    history = {}
-    for name in CURVE_METRICS:
-        points = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
-        history[name] = [m.value for m in points]
-    return history
+def make_trainer(config: dict, logger: MLFlowLogger, checkpoint_dir, callbacks: tuple = ()) -> Fit:
+    """The Trainer with the best/last checkpoint callbacks and the progress display."""
+    trainer_args = dict(config["trainer"])
+    if trainer_args.get("precision") == "auto":
+        trainer_args["precision"] = auto_precision(trainer_args.get("accelerator", "auto"))
+    every = int((config.get("checkpoint") or {}).get("every_n_epochs", 1))
+    if int(trainer_args.get("max_epochs") or 1) % every:
+        every = 1  # the last epoch (the lookahead average) must always be a checkpoint candidate
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch:03d}", monitor="val/acc",
+                                 mode="max", auto_insert_metric_name=False, every_n_epochs=every)
+    # last.ckpt on its own callback: Lightning 2.6's save_last=True rewrites it only when the best one
+    # improves, so a run whose val/acc had plateaued would resume from that epoch, not the last one.
+    last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                           every_n_epochs=every, enable_version_counter=False)
+    progress = progress_callback(config["family"])
+    trainer = L.Trainer(logger=logger, callbacks=[checkpoint, last, progress, *callbacks], enable_model_summary=False,
+                        enable_progress_bar=not isinstance(progress, EpochLines), **trainer_args)
+    return Fit(trainer, checkpoint, str(trainer_args["precision"]))
 
 
 def train_family(
@@ -165,159 +111,75 @@ def train_family(
     logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_name=run_name or family,
                           run_id=run_id, log_model=False)
     checkpoint_dir = project_dir() / "checkpoints" / experiment / (logger.run_id or "rank")
-    trainer_args = dict(config["trainer"])
-    if trainer_args.get("precision") == "auto":
-        trainer_args["precision"] = auto_precision(trainer_args.get("accelerator", "auto"))
-    every = int((config.get("checkpoint") or {}).get("every_n_epochs", 1))
-    if int(trainer_args.get("max_epochs") or 1) % every:
-        every = 1  # the last epoch (the lookahead average) must always be a checkpoint candidate
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best-{epoch:03d}", monitor="val/acc",
-                                 mode="max", auto_insert_metric_name=False, every_n_epochs=every)
-    # last.ckpt on its own callback: Lightning 2.6's save_last=True rewrites it only when the best one
-    # improves, so a run whose val/acc had plateaued would resume from that epoch, not the last one.
-    last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
-                           every_n_epochs=every, enable_version_counter=False)
-    progress = progress_callback(family)
-    trainer = L.Trainer(logger=logger, callbacks=[checkpoint, last, progress, *callbacks], enable_model_summary=False,
-                        enable_progress_bar=not isinstance(progress, EpochLines),
-                        **trainer_args)
-
-    summary = dm.summary()
-    if trainer.is_global_zero:
-        n_params = count_parameters(module.model.net)
-        console.print(f"[bold]{family}[/]: {config['model']['arch']} {config['model'].get('args')}, "
-                      f"{n_params:,} parameters, {summary['train_size']:,} train / "
-                      f"{summary['val_size']:,} val images, precision {trainer_args['precision']}")
-        if not resumed:
-            logger.log_hyperparams(flatten({k: v for k, v in config.items() if k != "tracking"}))
-            logger.log_hyperparams({"n_parameters": n_params, "data.train_size": summary["train_size"],
-                                    "data.val_size": summary["val_size"], "data.test_size": summary["test_size"],
-                                    "data.test_source": summary["test_source"],
-                                    "data.fingerprint": summary["fingerprint"],
-                                    "data.skipped_images": summary["skipped_images"]})
-            if dm.skipped:  # on_bad_image=skip: how many files were left out, and which
-                logger.experiment.log_metric(logger.run_id, "data_skipped_images", len(dm.skipped))
-                logger.experiment.log_text(logger.run_id, "\n".join(dm.skipped) + "\n", "data/skipped_images.txt")
-            for key, value in {"family": family, "git_commit": git_commit(), "data_dir": str(data_dir),
-                               "data_fingerprint": summary["fingerprint"], "config_digest": digest,
-                               "checkpoint_dir": str(checkpoint_dir), **(tags or {})}.items():
-                logger.experiment.set_tag(logger.run_id, key, value)
-            log_split_inputs(logger.experiment, logger.run_id, resolve_data_dir(data_dir)[0], dm.fingerprint,
-                             dm.split_counts())
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "config.yaml"
-                path.write_text(yaml.safe_dump({**config, "data_dir": str(data_dir)}, sort_keys=False))
-                logger.experiment.log_artifact(logger.run_id, str(path))
+    fit = make_trainer(config, logger, checkpoint_dir, callbacks)
+    trainer = fit.trainer
 
     monitor = None
     if trainer.is_global_zero:
-        # CPU, memory, disk and network (and GPU utilisation and memory where nvidia-ml-py is there),
-        # as system/* metrics of the run, every tracking.system_metrics_interval_s seconds.
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        interval = float(config["tracking"].get("system_metrics_interval_s", 10.0))
-        monitor = SystemMetricsMonitor(logger.run_id, sampling_interval=interval, tracking_uri=tracking_uri,
-                                       resume_logging=resumed)
-        monitor.start()
+        summary = dm.summary()
+        n_params = count_parameters(module.model.net)
+        console.print(f"[bold]{family}[/]: {config['model']['arch']} {config['model'].get('args')}, "
+                      f"{n_params:,} parameters, {summary['train_size']:,} train / "
+                      f"{summary['val_size']:,} val images, precision {fit.precision}")
+        if not resumed:
+            log_run_start(logger, config, data_dir, dm, {"family": family, "config_digest": digest,
+                                                         "checkpoint_dir": str(checkpoint_dir), **(tags or {})},
+                          n_params)
+        monitor = SystemMetrics(logger.run_id, tracking_uri,
+                                float(config["tracking"].get("system_metrics_interval_s", 10.0)), resumed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     first_epoch = 0 if not ckpt_path else torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"] + 1
-    fit_started = time.perf_counter()
+    started = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    fit_seconds = time.perf_counter() - fit_started
+    fit_seconds = time.perf_counter() - started
     if monitor is not None:
         monitor.finish()
-        # One closing sample: a run shorter than the interval would otherwise log none.
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
-    if trainer.is_global_zero:
-        # What bench/train_budget.py and bench/gpu_check.sh report per family.
-        epochs_run = max(1, trainer.current_epoch - first_epoch)
-        facts = {"fit_seconds": fit_seconds, "seconds_per_epoch": fit_seconds / epochs_run}
-        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
-            facts["gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        logger.experiment.log_batch(logger.run_id, metrics=[
-            Metric(key, float(value), int(time.time() * 1000), 0) for key, value in facts.items()])
-        logger.experiment.set_tag(logger.run_id, "precision", str(trainer_args["precision"]))
-        if torch.cuda.is_available():
-            logger.experiment.set_tag(logger.run_id, "device", torch.cuda.get_device_name())
-    # Test scores come from rank 0 in finish_run, on the best checkpoint it wrote itself: with several
+    # Test scores come from rank 0 in publish_run, on the checkpoint it wrote itself: with several
     # nodes, trainer.test(ckpt_path="best") would look for rank 0's file on the other nodes' disks.
     if not trainer.is_global_zero:
         return None
+    facts = {"fit_seconds": fit_seconds, "seconds_per_epoch": fit_seconds / max(1, trainer.current_epoch - first_epoch)}
+    facts_tags = {"precision": fit.precision}
+    if torch.cuda.is_available():
+        facts_tags["device"] = torch.cuda.get_device_name()
+        if trainer.strategy.root_device.type == "cuda":
+            facts["gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    log_fit_facts(logger.experiment, logger.run_id, facts, facts_tags)
     if any(getattr(callback, "pruned", False) for callback in callbacks):
         logger.experiment.set_tag(logger.run_id, "pruned", "true")
         history = metric_history(client, logger.run_id)["val/acc"]
         return RunResult(family, logger.run_id, max(history, default=0.0), "", pruned=True)
-    return finish_run(config, dm, checkpoint, logger, client)
+    return publish_run(config, dm, fit.checkpoint, logger, client)
 
 
-def finish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpoint,
-               logger: MLFlowLogger, client: MlflowClient) -> RunResult:
-    """Score the best checkpoint, log plots and the MLflow Model, mark the run finished."""
-    family, run_id = config["family"], logger.run_id
-    # "last" (the default): the final weights, the lookahead average at the end of the decayed schedule.
-    # Picking the best of many noisy epochs by validation accuracy flatters that accuracy (measured:
-    # LeNet's val acc 2 points over its test acc that way); "best" is there for schedules that need it.
-    select = (config.get("checkpoint") or {}).get("select", "last")
-    chosen = checkpoint.best_model_path
-    if select == "last" and (checkpoint.dirpath and (Path(checkpoint.dirpath) / "last.ckpt").is_file()):
-        chosen = str(Path(checkpoint.dirpath) / "last.ckpt")
-    best = ImageClassifier.load_from_checkpoint(chosen, map_location="cpu", weights_only=True)
-    classifier = best.model.eval().float()
-    deployed, trust = make_trustworthy(config, classifier, dm)
-    val_probs, _ = torch_outputs(deployed, dm.val_images.cpu())
-    scores = score(val_probs, dm.val_labels.cpu().numpy(), dm.classes)
-    tta = f", TTA level {classifier.tta}" if classifier.tta else ""
-    console.print(scores.table(f"{family}: {select} checkpoint{tta}, validation accuracy {scores.accuracy:.4f}"))
-    test_scores = None
-    if dm.test_images is not None:
-        test_probs, _ = torch_outputs(deployed, dm.test_images.cpu())
-        test_scores = score(test_probs, dm.test_labels.cpu().numpy(), dm.classes)
-        console.print(test_scores.table(f"{family}: test split ({len(dm.test_labels):,} images never used for "
-                                        f"training or selection){tta}, accuracy {test_scores.accuracy:.4f}"))
-    console.print(trust.table(family))
-    metadata: dict[str, Any] = {
-        "classes": dm.classes, "image_size": int(config["data"]["image_size"]),
-        "mean": dm.mean, "std": dm.std, "arch": config["model"]["arch"],
-        "model_args": config["model"].get("args") or {}, "family": family,
-        "run_id": run_id, "val_acc": scores.accuracy, "tta": classifier.tta,
-        "test_acc": None if test_scores is None else test_scores.accuracy,
-        "input": "float32 (N, 3, H, W) RGB in [0, 1]",
-        "output": "calibrated softmax probabilities (N, classes); out_of_scope_score (N,): higher is further "
-                  "from the training images",
-        "data_fingerprint": dm.fingerprint, "temperature": trust.temperature,
-        "out_of_scope": trust.scope_metadata,
-    }
-    mlflow.set_tracking_uri(client.tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({"best_val_acc": scores.accuracy,
-                            **scores.metrics("best/val_")})
-        if test_scores is not None:
-            mlflow.log_metrics({"test_acc": test_scores.accuracy, **test_scores.metrics("best/test_")})
-        mlflow.log_metrics(trust.metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            plot_confusion_matrix(scores.confusion, dm.classes, folder / "confusion_matrix.png",
-                                  f"{family}: validation, best epoch (acc {scores.accuracy:.3f})")
-            plot_learning_curves(metric_history(client, run_id), folder / "learning_curves.png", family)
-            trust.plot(folder / "reliability.png", family)
-            val_images = dm.val_images.cpu()
-            plot_mistakes(val_images.numpy(), dm.val_labels.cpu().numpy(), val_probs, dm.classes,
-                          folder / "mistakes.png", title=f"{family}: most confident validation mistakes")
-            # The first validation image: the split is seeded, so every run of a data set shows the same one.
-            try:
-                save_pictures(classifier, val_images[0], dm.classes, folder)
-            except ValueError as error:  # a network without named stages: the run still finishes
-                console.print(f"[yellow]No feature-map pictures for {family}:[/] {error}")
-            mlflow.log_artifacts(str(folder), artifact_path="plots")
-        model_uri, checks = log_classifier(deployed, metadata, dm.val_images[:256].cpu())
-        mlflow.log_metrics(checks)
-        mlflow.set_tag("model_uri", model_uri)
-        # sha256 of the files as stored: a service that follows the registry checks its downloads against them.
-        with tempfile.TemporaryDirectory() as tmp:
-            stored = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
-            mlflow.set_tags({f"{CHECKSUM_TAG}{name}": digest for name, digest in file_checksums(stored).items()})
-    return RunResult(family, run_id, scores.accuracy, model_uri,
-                     None if test_scores is None else test_scores.accuracy)
+def train_families(families: list[str], profile: str, data_dir: str, overrides: list[str], resume: bool = False,
+                   experiment: Optional[str] = None, registered_model: Optional[str] = None) -> list[RunResult]:
+    """``pipeline train``: each family in turn, then the best finished run of the experiment becomes the champion."""
+    from pipeline.champion import promote_champion
+    from pipeline.config import resolve_config
+    from pipeline.tracking import setup_tracking
+
+    configs = [resolve_config(family, profile, overrides) for family in families]
+    experiment = experiment or configs[0]["tracking"]["experiment"]
+    nodes = max(int(c["trainer"].get("num_nodes", 1)) for c in configs)
+    uri, experiment_id = setup_tracking(experiment, nodes=nodes)
+    if rank_zero_only.rank == 0:
+        console.print(f"Profile [bold]{profile}[/], models {', '.join(families)}, data {data_dir}, "
+                      f"tracking {uri} (experiment {experiment!r})")
+    results = []
+    for config in configs:
+        started = time.perf_counter()
+        result = train_family(config, data_dir, experiment, uri, resume=resume)
+        if result is not None:
+            console.print(f"[green]{result.family}[/]: val acc {result.val_acc:.4f} in "
+                          f"{time.perf_counter() - started:.0f} s, run {result.run_id}, model {result.model_uri}")
+            results.append(result)
+    if rank_zero_only.rank != 0:
+        return results
+    tracking = configs[0]["tracking"]
+    name, alias = registered_model or tracking["registered_model"], tracking["alias"]
+    decision = promote_champion(MlflowClient(uri), experiment_id, name, alias)
+    console.print(decision.table)
+    console.print(decision.sentence(name, alias))
+    return results

@@ -21,10 +21,8 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from pipeline.calibration import fit_temperature
-from pipeline.evaluation import (
-    EvalFolder, auroc, calibration_scores, folder_metrics, fpr_at_tpr, load_eval_folder,
-)
+from pipeline.calibration import calibration_scores, fit_temperature
+from pipeline.evaluation import EvalFolder, auroc, folder_metrics, fpr_at_tpr, load_eval_folder
 from pipeline.scope import (
     SCORES, CombinedScore, Deployed, EnergyScore, NearestNeighbourScore, Outputs, bank_rows, features, outputs,
     threshold_for,
