@@ -2,27 +2,32 @@
 # The GPU recipe, run for real: `make train`'s three families with the gpu profile on a machine
 # that has a GPU, torch and Lightning but no network and no MLflow. One command, under 8 minutes.
 #
-#   bash bench/gpu_check.sh prepare        # here, with network: .gpu-carry/ = data tarball + MLflow wheels
-#   bash bench/gpu_check.sh                # there: unpack, install the wheels to /tmp, train, print the table
-#   bash bench/gpu_check.sh cpu-smoke      # here: the same path on the CPU, 1 epoch of each family
+#   bash bench/gpu_check.sh prepare           # here, with network: .gpu-carry/ = data tarball + MLflow wheels
+#   bash bench/gpu_check.sh gpu [FOLDER]      # there: unpack, install the wheels to /tmp, train, print the table
+#   bash bench/gpu_check.sh cpu-smoke FOLDER  # here: the same path on the CPU, 1 epoch of each family
 #
-# With the device tool: run(command="bash bench/gpu_check.sh", carry=[".gpu-carry"], timeout_s=540).
+# With the device tool: run(command='bash bench/gpu_check.sh gpu "$OUT"', carry=[".gpu-carry"], timeout_s=540).
 # It prints bench/train_budget.py's table (epochs, minutes, s/epoch, val and test accuracy, per-class
-# test accuracy, precision, GPU memory peak) and the device name and versions.
+# test accuracy, precision, GPU memory peak) and the device name and versions, and keeps its evidence in
+# FOLDER (default: $OUT, else gpu-check-out/): gpu_check.log (everything it printed), table.json and
+# mlflow.db (every run, its params, metrics and curves; the artifacts stay behind). Telemetry is off:
+# nothing reaches for the network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-gpu}
 carry=.gpu-carry
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true BENTOML_DO_NOT_TRACK=true
 py=${PYTHON:-python3}
 data_src=${DATA:-../shared/data/cifar4/train}
 
 if [ "$mode" = prepare ]; then
   mkdir -p "$carry/wheels"
   tar czf "$carry/cifar4-train.tar.gz" -C "$(dirname "$data_src")" "$(basename "$data_src")"
-  # MLflow and what it needs, for CPython 3.12 on x86-64, minus what the GPU image already has.
+  # MLflow and what it needs, for CPython 3.12 on x86-64, at the versions constraints.txt pins, minus what
+  # the GPU image already has.
   "$py" -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$carry/wheels" "mlflow==3.17.2"
+    -c constraints.txt -d "$carry/wheels" mlflow
   # Packages the GPU image has (device KINDS.md, read 2026-11-17): their wheels stay behind.
   have="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cycler cython filelock flatbuffers fonttools frozenlist fsspec grpcio h11 h5py httpcore httpx idna imageio iniconfig jinja2 joblib kiwisolver lightning lightning-utilities markdown markdown-it-py markupsafe matplotlib mdurl ml-dtypes mpmath msgpack multidict narwhals networkx numpy onnx onnx-ir onnxruntime onnxscript packaging pandas pillow pip pluggy prometheus-client propcache protobuf psutil pyarrow pygments pyparsing python-dateutil pytorch-lightning pyyaml regex requests rich scikit-learn scipy setuptools six sympy threadpoolctl torch torchmetrics torchvision tqdm typing-extensions typing-inspect urllib3 uvloop werkzeug wheel wrapt yarl zipp"
   for wheel in "$carry"/wheels/*.whl; do
@@ -33,7 +38,15 @@ if [ "$mode" = prepare ]; then
   exit 0
 fi
 
+case "$mode" in gpu|cpu-smoke) ;; *) echo "error: mode $mode: use prepare, gpu or cpu-smoke." >&2; exit 2;; esac
+out=${2:-${OUT:-gpu-check-out}}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+exec > >(tee "$out/gpu_check.log") 2>&1
 work=$(mktemp -d /tmp/gpu-check.XXXXXX)
+# mlflow.db goes to the evidence folder however the run ends: a failed family still leaves its runs.
+trap 'cp -f "$work/project/mlflow.db" "$out/mlflow.db" 2>/dev/null || true' EXIT
+echo "gpu_check.sh $mode: $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if [ "$mode" = cpu-smoke ]; then
   data=$data_src
   profile=cpu
@@ -54,4 +67,6 @@ if ! "$py" -c "import mlflow" 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-"$py" bench/train_budget.py --data "$data" --profile "$profile" --home "$work/project" --markdown "${extra[@]}"
+"$py" bench/train_budget.py --data "$data" --profile "$profile" --home "$work/project" --markdown \
+  --json "$out/table.json" "${extra[@]}"
+echo "evidence in $out: $(cd "$out" && ls | tr '\n' ' ')"

@@ -1,6 +1,7 @@
 """What `make train` buys: its recipes trained on a data folder, timed, and scored on a held-out test split.
 
-    .venv/bin/python bench/train_budget.py --data ../shared/data/cifar4/train      # CPU: about 15 min on 2 cores
+    .venv/bin/python bench/train_budget.py --data ../shared/data/cifar4/train      # CPU: 15-25 min on 2 cores
+    .venv/bin/python bench/train_budget.py --data DIR --seeds 1,2,3                # each family 3 times: mean and spread
     .venv/bin/python bench/train_budget.py --report mlflow.db                      # runs already logged
 
 The runs go to a fresh temporary project (its own mlflow.db). Without a test/ folder the
@@ -9,8 +10,11 @@ checkpoint choice or champion choice sees them. Validation is 10% of the rest.
 
 Prints, per family: the net, parameters, epochs, minutes, seconds per epoch, validation and
 test accuracy (both with the exported TTA), per-class test accuracy, precision, GPU memory
-peak, and which run is the champion; then the machine and versions. ``--markdown`` also
-prints the table as Markdown for the README.
+peak, and which run is the champion; then, per family, the mean and spread (sample standard
+deviation, min-max) over the runs (``--seeds`` trains every family once per seed: ``--set seed=S``,
+the split stays the same); then the machine: CPU model, cores, bf16/AMX, GPU, versions, so that
+figures from different machines can be read side by side. ``--markdown`` also prints the tables as
+Markdown, ``--json`` writes them to a file.
 """
 
 from __future__ import annotations
@@ -36,17 +40,43 @@ def machine() -> str:
     import lightning
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu in (platform.processor(), platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                have = set(line.split(":", 1)[1].split())
+                flags = ", ".join(name for name in ("avx512_bf16", "amx_bf16") if name in have) or "no bf16 units"
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"machine: {cpu}, {os.cpu_count()} cores{gpu}; python {platform.python_version()}, "
+    return (f"machine: {cpu} ({flags}), {os.cpu_count()} cores{gpu}; python {platform.python_version()}, "
             f"torch {torch.__version__}, lightning {lightning.__version__}")
+
+
+def spread(values: list[float], digits: int = 4) -> str:
+    """mean +/- sample standard deviation (min-max) of the values; the value alone for one."""
+    import statistics
+
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return (f"{statistics.mean(values):.{digits}f} +/- {statistics.stdev(values):.{digits}f} "
+            f"({min(values):.{digits}f}-{max(values):.{digits}f})")
+
+
+def summary(found: list[dict]) -> list[dict]:
+    """Per family: runs, and mean and spread of val acc, test acc, minutes and seconds per epoch."""
+    out = []
+    for family in dict.fromkeys(row["family"] for row in found):
+        rows = [row for row in found if row["family"] == family]
+        numbers = lambda key: [float(r[key]) for r in rows if r[key] not in ("", "no test split", "(not read)")]  # noqa: E731
+        out.append({"family": family, "runs": str(len(rows)), "seeds": " ".join(r["seed"] for r in rows),
+                    "val acc": spread(numbers("val acc")), "test acc": spread(numbers("test acc")),
+                    "minutes": spread(numbers("minutes"), 1), "s/epoch": spread(numbers("s/epoch"), 1)})
+    return out
 
 
 def rows(db: Path, experiment: str) -> list[dict]:
@@ -77,16 +107,20 @@ def rows(db: Path, experiment: str) -> list[dict]:
             "test acc per class": " ".join(f"{k} {v:.3f}" for k, v in sorted(per_class.items())),
             "precision": t.get("precision", ""),
             "GPU mem": f"{m['gpu_memory_peak_gb']:.2f} GB" if "gpu_memory_peak_gb" in m else "",
-            "": "champion" if run.info.run_id == champion else "",
+            "": "champion" if run.info.run_id == champion else "", "seed": p.get("seed", "?"),
         })
     return out
 
 
-def report(db: Path, experiment: str, wall: float | None, markdown: bool, title: str) -> None:
+def report(db: Path, experiment: str, wall: float | None, markdown: bool, title: str,
+           json_path: Path | None = None, val_only: bool = False) -> None:
     table = Table(title=title)
     for column in COLUMNS:
         table.add_column(column, justify="left" if column in ("family", "model", "test acc per class", "") else "right")
     found = rows(db, experiment)
+    if val_only:
+        for row in found:
+            row.update({"test acc": "(not read)", "test acc per class": ""})
     for row in found:
         table.add_row(*[row[c] for c in COLUMNS])
     console = Console(width=200)
@@ -94,12 +128,31 @@ def report(db: Path, experiment: str, wall: float | None, markdown: bool, title:
     total = sum(float(r["minutes"]) for r in found)
     console.print(f"sum of run times {total:.1f} min" + (f"; wall time of `pipeline train` {wall / 60:.1f} min"
                                                           if wall else ""))
+    families = summary(found)
+    columns = ("family", "runs", "seeds", "val acc", "test acc", "minutes", "s/epoch")
+    per_family = Table(title="per family: mean +/- standard deviation (min-max) over the runs")
+    for column in columns:
+        per_family.add_column(column, justify="left" if column in ("family", "seeds") else "right")
+    for row in families:
+        per_family.add_row(*[row[c] for c in columns])
+    console.print(per_family)
     console.print(machine())
+    if json_path is not None:
+        import json
+
+        json_path.write_text(json.dumps({"title": title, "machine": machine(), "rows": found, "families": families,
+                                         "sum_minutes": total,
+                                         "wall_minutes": None if wall is None else wall / 60}, indent=2) + "\n")
     if markdown:
         print("| " + " | ".join(c or "champion" for c in COLUMNS) + " |")
         print("|" + "---|" * len(COLUMNS))
         for row in found:
             print("| " + " | ".join(row[c] for c in COLUMNS) + " |")
+        print()
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for row in families:
+            print("| " + " | ".join(row[c] for c in columns) + " |")
 
 
 def main() -> None:
@@ -111,11 +164,16 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated families (default: all, as `make train`)")
     parser.add_argument("--epochs", type=int, help="shorten every family to this many epochs (smoke runs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--seeds", help="comma-separated training seeds: every family once per seed (--set seed=S)")
+    parser.add_argument("--val-only", action="store_true",
+                        help="a recipe try: report validation only and send training's output (which prints the test "
+                             "split) to HOME/train.log, so that comparing tries never reads the test split")
     parser.add_argument("--home", type=Path, help="project folder for the runs (default: a new temporary one)")
     parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    parser.add_argument("--json", type=Path, help="also write the table, the machine and versions to this file")
     args = parser.parse_args()
     if args.report:
-        report(args.report, args.experiment, None, args.markdown, f"Runs in {args.report}")
+        report(args.report, args.experiment, None, args.markdown, f"Runs in {args.report}", args.json, args.val_only)
         return
     if not args.data:
         parser.error("give --data DIR or --report mlflow.db")
@@ -132,9 +190,12 @@ def main() -> None:
     env = {**os.environ, "PIPELINE_HOME": str(home)}
     env.pop("MLFLOW_TRACKING_URI", None)
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=home, env=env)
+    log = open(home / "train.log", "a") if args.val_only else None
+    for seed in (args.seeds.split(",") if args.seeds else [None]):
+        subprocess.run(command + ([] if seed is None else ["--set", f"seed={int(seed)}"]), check=True, cwd=home,
+                       env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
     report(home / "mlflow.db", args.experiment, time.perf_counter() - started, args.markdown,
-           f"`pipeline train --profile {args.profile}` on {args.data}")
+           f"`pipeline train --profile {args.profile}` on {args.data}", args.json, args.val_only)
 
 
 if __name__ == "__main__":
