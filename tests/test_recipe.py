@@ -245,3 +245,31 @@ def test_the_whitening_bias_learns_for_its_epochs_then_stays_fixed(toy_folder, i
     optimizer = trainer.optimizers[0]
     assert optimizer.param_groups[-1]["params"][0] is module.model.net.whiten.bias
     assert optimizer.param_groups[-1]["lr"] == 0.0 and optimizer.param_groups[0]["lr"] > 0
+
+
+def test_muon_orthogonalises_the_filter_step_and_keeps_the_rest_sgd():
+    import torch
+
+    from pipeline.recipe import MuonSGD, orthogonalize
+
+    torch.manual_seed(0)
+    grad = torch.randn(16, 27)
+    singular = torch.linalg.svdvals(orthogonalize(grad).float())
+    assert 0.3 < singular.min() and singular.max() < 1.6  # near-orthogonal, whatever the gradient's scale
+    filters, bias = torch.nn.Parameter(torch.randn(16, 3, 3, 3)), torch.nn.Parameter(torch.zeros(16))
+    optimizer = MuonSGD([{"params": [filters], "lr": 0.1, "momentum": 0.6, "weight_decay": 0.0, "muon": True},
+                         {"params": [bias], "lr": 0.5}], momentum=0.9, nesterov=True)
+    filters.grad, bias.grad = 1000 * torch.randn_like(filters), torch.ones(16)
+    before = filters.detach().clone()
+    optimizer.step()
+    normalised = before * (16 ** 0.5 / before.norm())
+    assert (filters.detach() - normalised).norm() < 0.1 * 1.6 * 16 ** 0.5  # a bounded step, not 1000x the gradient
+    torch.testing.assert_close(bias.detach(), torch.full((16,), -0.95))  # SGD-Nesterov: -lr (g + 0.9 g) at the first step
+    assert "momentum_buffer" in optimizer.state[filters] and "momentum_buffer" in optimizer.state[bias]
+
+
+def test_the_airbench_recipe_trains_with_muon(toy_folder, isolated_project):
+    from pipeline.cli import main
+
+    assert main(["train", "--data", str(toy_folder), "--models", "resnet", "--profile", "cpu", "--epochs", "2",
+                 "--set", "data.batch_size=32", "--set", "model.args.widths=[8,16,16]", "--set", "optim.muon=true"]) == 0

@@ -136,13 +136,16 @@ class OptimSettings:
     whiten_bias_epochs: int = 3      # airbench: the whitening layer's bias learns for this many epochs
     lr_start: float = 0.2            # airbench: warm-up starts at this share of lr
     lr_end: float = 0.07             # airbench: decay ends at this share of lr
+    muon: bool = False               # airbench: conv filters take Muon's orthogonalised step (recipe.MuonSGD)
+    muon_lr: float = 0.24            # ... at this rate (per step, on filters renormalised to norm sqrt(out))
+    muon_momentum: float = 0.6
 
 
 # The keys of each section with a default that gives the type (None: any type). Kept here, not read
 # from the classes' signatures, so that checking a config imports neither torch nor Lightning;
 # tests/test_config.py checks that they match ImageFolderDataModule, OptimSettings and L.Trainer.
 DATA_KEYS = {"image_size": 32, "val_fraction": 0.1, "test_fraction": 0.1, "batch_size": 128, "eval_batch_size": 512,
-             "seed": 42, "crop_padding": 4, "pad_mode": "constant", "flip": True, "cutout": 0, "zoom": 0.0,
+             "seed": 42, "test_seed": None, "crop_padding": 4, "pad_mode": "constant", "flip": True, "cutout": 0, "zoom": 0.0,
              "color_jitter": 0.0, "on_bad_image": "error", "cache_dir": None}
 TRAINER_KEYS = (
     "accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "fast_dev_run",
@@ -197,6 +200,8 @@ def validate(config: dict) -> None:
     optim = config.get("optim") or {}
     if optim.get("recipe", "sgd") not in ("sgd", "airbench"):
         raise ConfigError(f"Config key optim.recipe must be sgd or airbench, got {optim['recipe']!r}.")
+    if optim.get("muon") and optim.get("recipe", "sgd") != "airbench":
+        raise ConfigError("Config key optim.muon needs optim.recipe airbench (it replaces that recipe's filter updates).")
     if optim.get("schedule", "onecycle") not in ("onecycle", "cosine"):
         raise ConfigError(f"Config key optim.schedule must be onecycle or cosine, got {optim['schedule']!r}.")
     select = (config.get("checkpoint") or {}).get("select", "last")

@@ -330,6 +330,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 512,
         seed: int = 42,
+        test_seed: Optional[int] = None,
         crop_padding: int = 4,
         pad_mode: str = "constant",
         flip: bool | str = True,
@@ -351,6 +352,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.data_dir = data_dir
         self.image_size, self.val_fraction, self.test_fraction, self.seed = image_size, val_fraction, test_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.test_seed = seed + 1 if test_seed is None else int(test_seed)
         if not 0.0 <= zoom < 1.0:
             raise ValueError(f"data.zoom is the smallest crop area kept (0: off, e.g. 0.5), in [0, 1), got {zoom}")
         if not 0.0 <= color_jitter < 1.0:
@@ -383,8 +385,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.test_images = self.test_labels = None
         pool = torch.arange(len(full.labels))
         if hold_test:
-            # The test split is drawn first, with its own stream, so val_fraction never moves it.
-            pool, test_idx = split_indices(full.labels, self.test_fraction, self.seed + 1)
+            # The test split is drawn first, with its own seed, so val_fraction never moves it, and a new
+            # test_seed draws a fresh test split without touching anything else of the config.
+            pool, test_idx = split_indices(full.labels, self.test_fraction, self.test_seed)
             self.test_images, self.test_labels = full.images[test_idx], full.labels[test_idx]
         train_rel, val_rel = split_indices(full.labels[pool], self.val_fraction, self.seed)
         train_idx, val_idx = pool[train_rel], pool[val_rel]

@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from pipeline.config import OptimSettings
 from pipeline.models import build_model
-from pipeline.recipe import Lookahead, lr_factor, optimizer_groups, tta_logits, tta_views
+from pipeline.recipe import Lookahead, MuonSGD, lr_factor, optimizer_groups, tta_logits, tta_views
 
 class Classifier(nn.Module):
     """Normalization + network: takes float images in [0, 1], returns logits.
@@ -200,6 +200,14 @@ class LitClassifier(L.LightningModule):
         hp = self.optim
         groups = optimizer_groups(self.model, hp.lr, hp.weight_decay, hp.momentum, self._global_batch(),
                                   hp.bias_lr_scale)
+        if hp.muon:
+            # airbench94_muon: the conv filters (4-D, trained) take Muon's step, no weight decay; the rest as before.
+            filters = [p for p in self.model.parameters() if p.ndim == 4 and p.requires_grad]
+            chosen = {id(p) for p in filters}
+            for group in groups:
+                group["params"] = [p for p in group["params"] if id(p) not in chosen]
+            groups.append({"params": filters, "lr": hp.muon_lr, "momentum": hp.muon_momentum, "weight_decay": 0.0,
+                           "muon": True})
         total = int(self.trainer.estimated_stepping_batches)
 
         def factor(step: int) -> float:
@@ -216,6 +224,6 @@ class LitClassifier(L.LightningModule):
             groups.append({**groups[0], "params": [whiten.bias]})
             freeze = hp.whiten_bias_epochs * total // max(1, int(self.trainer.max_epochs or 1))
             schedule.append(lambda step: factor(step) if step < freeze else 0.0)
-        optimizer = torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True)
+        optimizer = MuonSGD(groups, momentum=hp.momentum, nesterov=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
