@@ -262,3 +262,15 @@ def test_predict_writes_the_probabilities_classify_serves(served, toy_folder, tm
             assert abs(float(row[label]) - probability) <= 1e-6, (name, label)
         assert row["out_of_scope"] == str(served_answer["out_of_scope"]).lower()
         assert abs(float(row["out_of_scope_score"]) - served_answer["out_of_scope_score"]) <= 1e-5
+    # MLflow 3's logged-model URI, as `pipeline evaluate` takes it, gives the same file.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    logged = client.get_run(client.get_model_version_by_alias("cifar4-classifier", "champion").run_id).data.tags["model_uri"]
+    assert logged.startswith("models:/m-")
+    result = subprocess.run(
+        [sys.executable, "-c", blocker + "from pipeline.cli import main; sys.exit(main(sys.argv[1:]))",
+         "predict", str(folder), "--model", logged, "--out", str(tmp_path / "by_id.csv")],
+        cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "by_id.csv").read_text() == (tmp_path / "out.csv").read_text()
