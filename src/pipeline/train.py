@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.console import console
 from pipeline.data import ImageFolderDataModule
-from pipeline.hardware import auto_precision
+from pipeline.hardware import auto_precision, cpu_bf16_speedup, cpu_precision_note
 from pipeline.models import count_parameters, load_family_module
 from pipeline.module import LitClassifier
 from pipeline.progress import EpochLines, progress_callback
@@ -55,13 +55,16 @@ class Fit:
     trainer: L.Trainer
     checkpoint: ModelCheckpoint
     precision: str
+    precision_note: str = ""
 
 
 def make_trainer(config: dict, logger: MLFlowLogger, checkpoint_dir, callbacks: tuple = ()) -> Fit:
     """The Trainer with the best/last checkpoint callbacks and the progress display."""
     trainer_args = dict(config["trainer"])
+    note = ""
     if trainer_args.get("precision") == "auto":
         trainer_args["precision"] = auto_precision(trainer_args.get("accelerator", "auto"))
+        note = cpu_precision_note()
     every = int((config.get("checkpoint") or {}).get("every_n_epochs", 1))
     if int(trainer_args.get("max_epochs") or 1) % every:
         every = 1  # the last epoch (the lookahead average) must always be a checkpoint candidate
@@ -74,7 +77,7 @@ def make_trainer(config: dict, logger: MLFlowLogger, checkpoint_dir, callbacks: 
     progress = progress_callback(config["family"])
     trainer = L.Trainer(logger=logger, callbacks=[checkpoint, last, progress, *callbacks], enable_model_summary=False,
                         enable_progress_bar=not isinstance(progress, EpochLines), **trainer_args)
-    return Fit(trainer, checkpoint, str(trainer_args["precision"]))
+    return Fit(trainer, checkpoint, str(trainer_args["precision"]), note)
 
 
 def train_family(
@@ -120,7 +123,7 @@ def train_family(
         n_params = count_parameters(module.model.net)
         console.print(f"[bold]{family}[/]: {config['model']['arch']} {config['model'].get('args')}, "
                       f"{n_params:,} parameters, {summary['train_size']:,} train / "
-                      f"{summary['val_size']:,} val images, precision {fit.precision}")
+                      f"{summary['val_size']:,} val images, precision {fit.precision}{fit.precision_note}")
         if not resumed:
             log_run_start(logger, config, data_dir, dm, {"family": family, "config_digest": digest,
                                                          "checkpoint_dir": str(checkpoint_dir), **(tags or {})},
@@ -141,6 +144,8 @@ def train_family(
         return None
     facts = {"fit_seconds": fit_seconds, "seconds_per_epoch": fit_seconds / max(1, trainer.current_epoch - first_epoch)}
     facts_tags = {"precision": fit.precision}
+    if fit.precision_note:
+        facts["cpu_bf16_speedup"] = cpu_bf16_speedup()
     if torch.cuda.is_available():
         facts_tags["device"] = torch.cuda.get_device_name()
         if trainer.strategy.root_device.type == "cuda":
