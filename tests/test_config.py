@@ -107,3 +107,13 @@ def test_lenet_learning_rate_follows_its_batch():
     """Plain SGD: the GPU block's doubled batch comes with a doubled rate (linear scaling)."""
     cpu, gpu = resolve_config("lenet", "cpu"), resolve_config("lenet", "gpu")
     assert gpu["optim"]["lr"] / cpu["optim"]["lr"] == gpu["data"]["batch_size"] / cpu["data"]["batch_size"] == 2
+
+
+def test_the_classic_resnet_needs_muon_switched_off():
+    # ResNet's default recipe updates its filters with Muon, which only the airbench recipe has: asking for plain
+    # SGD alone is one sentence that says what to add, and adding it gives the classic recipe.
+    classic = ["model.args.variant=cifar", "model.args.depth=20", "optim.recipe=sgd"]
+    with pytest.raises(ConfigError, match=r"optim.muon needs optim.recipe airbench.*--set optim.muon=false"):
+        resolve_config("resnet", "cpu", classic)
+    config = resolve_config("resnet", "cpu", classic + ["optim.muon=false"])
+    assert config["optim"]["recipe"] == "sgd" and config["optim"]["muon"] is False

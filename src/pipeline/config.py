@@ -201,7 +201,8 @@ def validate(config: dict) -> None:
     if optim.get("recipe", "sgd") not in ("sgd", "airbench"):
         raise ConfigError(f"Config key optim.recipe must be sgd or airbench, got {optim['recipe']!r}.")
     if optim.get("muon") and optim.get("recipe", "sgd") != "airbench":
-        raise ConfigError("Config key optim.muon needs optim.recipe airbench (it replaces that recipe's filter updates).")
+        raise ConfigError("Config key optim.muon needs optim.recipe airbench (it replaces that recipe's filter "
+                          "updates); with another recipe, add --set optim.muon=false.")
     if optim.get("schedule", "onecycle") not in ("onecycle", "cosine"):
         raise ConfigError(f"Config key optim.schedule must be onecycle or cosine, got {optim['schedule']!r}.")
     select = (config.get("checkpoint") or {}).get("select", "last")
