@@ -1,5 +1,5 @@
 # Image classifier: train with Lightning, track with MLflow, serve with BentoML.
-# `make help` lists the targets; variables: DATA, MODELS, EPOCHS, RESUME, PROFILE, ARGS.
+# `make help` lists the targets; variables: DATA, OUTLIERS, MODELS, EPOCHS, RESUME, PROFILE, ARGS.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,6 +9,7 @@ DATA ?=
 MODELS ?=
 EPOCHS ?=
 RESUME ?=
+OUTLIERS ?=
 PROFILE ?= auto
 ARGS ?=
 MODEL ?= models:/cifar4-classifier@champion
@@ -35,8 +36,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed ## create .venv and install the package with its dev tools
 
-train: install ## train the families (DATA=dir MODELS=lenet,vgg,resnet EPOCHS=n RESUME=1), register the champion
-	$(BIN)/pipeline train --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(MODELS),--models $(MODELS)) \
+train: install ## train the families (DATA=dir[,dir2] OUTLIERS=dir MODELS=lenet,vgg,resnet EPOCHS=n RESUME=1), register the champion
+	$(BIN)/pipeline train --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(OUTLIERS),--outliers $(OUTLIERS)) $(if $(MODELS),--models $(MODELS)) \
 		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(RESUME),--resume) $(ARGS)
 
 sweep: install ## Optuna sweep: FAMILY=vgg TRIALS=20 [EPOCHS=n] (DATA=dir); trials are nested MLflow runs; kills resume

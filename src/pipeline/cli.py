@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,29 +14,47 @@ from pipeline.console import console, errors
 DEFAULT_DATA = Path("data") / "cifar4"
 
 
+def outlier_folders(text: str) -> list[str]:
+    """``--outliers A,B``: each an existing folder (one sentence naming the one that is not)."""
+    from pipeline.errors import DataError
+
+    folders = [part.strip() for part in text.split(",") if part.strip()]
+    for folder in folders:
+        if not Path(folder).expanduser().is_dir():
+            raise DataError(f"Outlier folder {folder!r} does not exist or is not a folder.")
+    return folders
+
+
 def _train(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
     from pipeline.config import available_models
-    from pipeline.data import resolve_data_dir
+    from pipeline.data import check_data_folders
     from pipeline.hardware import choose_profile, unusable_gpu
     from pipeline.train import train_families
 
+    families = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else available_models()
+    overrides = list(args.set or [])
     data_dir = args.data
-    if data_dir is None:
+    if data_dir is None:  # data.sources of the config, else the CIFAR-10 download
+        from pipeline.config import resolve_config
+
+        configured = resolve_config(families[0], choose_profile(args.profile), overrides)["data"].get("sources") or []
+        data_dir = ",".join(f"{s['path']}:{s.get('weight', 1.0)}" if isinstance(s, dict) else str(s) for s in configured)
+    if not data_dir:
         data_dir = str(DEFAULT_DATA)
         if not (DEFAULT_DATA / "train").is_dir():
             from pipeline.download import download_cifar4
 
             console.print(f"No --data given: downloading CIFAR-10's bird, boat, cat, dog into {data_dir}")
             download_cifar4(DEFAULT_DATA)
-    resolve_data_dir(data_dir)  # fail before anything else when the folder is wrong
+    check_data_folders(data_dir)  # fail before anything else when a folder is wrong
     if args.profile == "auto" and (problem := unusable_gpu()) and rank_zero_only.rank == 0:
         errors.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
-    families = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else available_models()
-    overrides = list(args.set or [])
     if args.epochs is not None:
         overrides.append(f"trainer.max_epochs={args.epochs}")
+    if args.outliers:
+        overrides.append(f"data.outliers={json.dumps(outlier_folders(args.outliers))}")
     train_families(families, choose_profile(args.profile), data_dir, overrides, resume=args.resume,
                    experiment=args.experiment, registered_model=args.registered_model)
     return 0
@@ -46,13 +65,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from pipeline.champion import promote_champion
     from pipeline.config import resolve_config
-    from pipeline.data import resolve_data_dir
+    from pipeline.data import check_data_folders
     from pipeline.hardware import choose_profile
     from pipeline.sweep import run_sweep
     from pipeline.tracking import setup_tracking
 
     data_dir = args.data or str(DEFAULT_DATA)
-    resolve_data_dir(data_dir)
+    check_data_folders(data_dir)
     profile = choose_profile(args.profile)
     base = resolve_config(args.family, profile, list(args.set or []))
     experiment = args.experiment or base["tracking"]["experiment"]
@@ -104,6 +123,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
+    if args.photos:
+        from pipeline.download_photos import download_photos
+
+        out = args.out if args.out != str(DEFAULT_DATA) else "data"
+        written = download_photos(out, args.archive, cifar=not args.no_cifar)
+        console.print(f"Wrote {written['photos-train']:,} photos to {Path(out) / 'photos-train'} and "
+                      f"{written['outliers-train']:,} out-of-scope images to {Path(out) / 'outliers-train'} "
+                      "(Tiny-ImageNet: ImageNet's terms, non-commercial research and education only)")
+        return 0
     from pipeline.download import download_cifar4
 
     console.print(f"Wrote {download_cifar4(args.out)}")
@@ -182,8 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train model families, log to MLflow, register the champion")
-    train.add_argument("--data", help="image folder: DIR/<class>/*.jpg or DIR/{train,test}/<class>/*.jpg "
-                                      f"(default: {DEFAULT_DATA}, downloaded when missing)")
+    train.add_argument("--data", help="image folder: DIR/<class>/*.jpg or DIR/{train,test}/<class>/*.jpg, or several "
+                                      "joined by commas (A,B; A:2 samples A twice per epoch), each split on its own "
+                                      f"(default: data.sources, else {DEFAULT_DATA}, downloaded when missing)")
+    train.add_argument("--outliers", help="folders of out-of-scope images (any names, any depth), joined by commas: "
+                                          "each training step also learns 'none of these' from them (data.outliers)")
     train.add_argument("--models", help="comma-separated families (default: every configs/model/*.yaml)")
     train.add_argument("--profile", default="auto", choices=["auto", "cpu", "gpu"],
                        help="configs/profile/<name>.yaml; auto picks gpu when CUDA is available")
@@ -221,8 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threads", type=int, default=2, help="decode and ONNX Runtime threads")
     predict.set_defaults(func=_predict)
 
-    download = sub.add_parser("download", help="download CIFAR-10 and write bird/boat/cat/dog folders")
-    download.add_argument("--out", default=str(DEFAULT_DATA))
+    download = sub.add_parser("download", help="download CIFAR-10 and write bird/boat/cat/dog folders; --photos: "
+                                               "Tiny-ImageNet's photos-train and outliers-train")
+    download.add_argument("--out", default=str(DEFAULT_DATA), help=f"default {DEFAULT_DATA}; with --photos, data/")
+    download.add_argument("--photos", action="store_true",
+                          help="Tiny-ImageNet photos of the four classes and of other things (configs/photos.yaml; "
+                               "ImageNet terms: non-commercial research and education only)")
+    download.add_argument("--archive", help="with --photos: a local tiny-imagenet-200.zip or its unpacked folder")
+    download.add_argument("--no-cifar", action="store_true",
+                          help="with --photos: leave CIFAR-10's other classes out of outliers-train")
     download.set_defaults(func=_download)
 
     champion = sub.add_parser("champion", help="re-run the champion selection over an experiment's runs")

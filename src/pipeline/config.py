@@ -139,6 +139,8 @@ class OptimSettings:
     muon: bool = False               # airbench: conv filters take Muon's orthogonalised step (recipe.MuonSGD)
     muon_lr: float = 0.24            # ... at this rate (per step, on filters renormalised to norm sqrt(out))
     muon_momentum: float = 0.6
+    outlier_loss: str = "uniform"    # with data.outliers: uniform (cross-entropy to the uniform answer) or energy
+    outlier_weight: float = 0.5      # ... the outlier loss's weight beside the classification loss
 
 
 # The keys of each section with a default that gives the type (None: any type). Kept here, not read
@@ -146,7 +148,8 @@ class OptimSettings:
 # tests/test_config.py checks that they match ImageFolderDataModule, OptimSettings and L.Trainer.
 DATA_KEYS = {"image_size": 32, "val_fraction": 0.1, "test_fraction": 0.1, "batch_size": 128, "eval_batch_size": 512,
              "seed": 42, "test_seed": None, "crop_padding": 4, "pad_mode": "constant", "flip": True, "cutout": 0, "zoom": 0.0,
-             "color_jitter": 0.0, "on_bad_image": "error", "cache_dir": None}
+             "color_jitter": 0.0, "on_bad_image": "error", "cache_dir": None, "sources": None, "outliers": None,
+             "outlier_share": 0.25, "outlier_holdout": 0.2}
 TRAINER_KEYS = (
     "accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks", "fast_dev_run",
     "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches", "limit_val_batches",
@@ -205,6 +208,12 @@ def validate(config: dict) -> None:
                           "updates); with another recipe, add --set optim.muon=false.")
     if optim.get("schedule", "onecycle") not in ("onecycle", "cosine"):
         raise ConfigError(f"Config key optim.schedule must be onecycle or cosine, got {optim['schedule']!r}.")
+    if optim.get("outlier_loss", "uniform") not in ("uniform", "energy"):
+        raise ConfigError(f"Config key optim.outlier_loss must be uniform or energy, got {optim['outlier_loss']!r}.")
+    for key in ("sources", "outliers"):
+        value = (config.get("data") or {}).get(key)
+        if value is not None and not isinstance(value, list):
+            raise ConfigError(f"Config key data.{key} must be a list of folders, got {value!r}.")
     select = (config.get("checkpoint") or {}).get("select", "last")
     if select not in ("last", "best"):
         raise ConfigError(f"Config key checkpoint.select must be last or best, got {select!r}.")

@@ -4,12 +4,19 @@ A folder ``DIR/<class>/*.jpg|png`` is decoded once (cached on disk, keyed by a f
 of the file list) into a ``(N, 3, H, W)`` uint8 tensor. Training batches are sliced from
 that tensor with ``randperm``, then cropped and flipped a whole batch at a time on the
 device: no per-sample PIL work in the training loop.
+
+A run may take several labelled folders (``--data A,B`` or ``data.sources``), each split on its own
+(seeded, stratified), so every split holds every source and every figure can be given per source;
+and unlabelled folders of out-of-scope images (``data.outliers``) for outlier exposure, held out
+**by class** (a seeded share of the outlier classes never trained on) for the validation and test
+outliers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -50,6 +57,83 @@ def resolve_data_dir(root: str | Path) -> tuple[Path, Optional[Path]]:
     return path, None
 
 
+@dataclass
+class Source:
+    """One labelled training folder of a run and its sampling weight (images of it per epoch, x its size)."""
+    path: str
+    weight: float = 1.0
+    name: str = ""
+
+
+def parse_sources(data: str | list | tuple) -> list[Source]:
+    """``--data A,B`` (``A:2`` gives A the sampling weight 2) or ``data.sources`` (paths, or
+    ``{path: ..., weight: ...}``) -> sources named after their folders (``DIR`` for ``DIR/train``)."""
+    items: list = [part for part in data.split(",") if part.strip()] if isinstance(data, str) else list(data)
+    sources: list[Source] = []
+    for item in items:
+        if isinstance(item, dict):
+            unknown = set(item) - {"path", "weight", "name"}
+            if "path" not in item or unknown:
+                raise DataError(f"A data.sources entry is a folder or {{path: folder, weight: number}}, got {item!r}.")
+            source = Source(str(item["path"]), float(item.get("weight", 1.0)), str(item.get("name", "")))
+        else:
+            text, weight = str(item).strip(), 1.0
+            head, _, tail = text.rpartition(":")
+            if head:
+                try:
+                    text, weight = head, float(tail)
+                except ValueError:
+                    pass
+            source = Source(text, weight)
+        if not source.weight > 0:
+            raise DataError(f"Data source {source.path!r} has weight {source.weight}; a weight must be above 0.")
+        sources.append(source)
+    if not sources:
+        raise DataError("No data folder given: pass --data DIR (or DIR1,DIR2) or set data.sources.")
+    seen: dict[str, int] = {}
+    for source in sources:
+        if not source.name:
+            path = Path(source.path).expanduser().resolve()
+            source.name = path.parent.name if path.name in ("train", "images") else path.name
+        seen[source.name] = seen.get(source.name, 0) + 1
+        if seen[source.name] > 1:
+            source.name = f"{source.name}-{seen[source.name]}"
+    return sources
+
+
+def check_data_folders(data: str | list | tuple) -> list[Source]:
+    """Fail early, naming the folder, when any source of ``--data`` is missing or not a folder."""
+    sources = parse_sources(data)
+    for source in sources:
+        resolve_data_dir(source.path)
+    return sources
+
+
+def weighted_order(source_ids: torch.Tensor, weights: list[float], generator: torch.Generator) -> torch.Tensor:
+    """One epoch's shuffled indices when sources have sampling weights: each source's images ``weight`` times
+    (the whole part as repeats, the rest as a seeded sample), then everything shuffled together."""
+    parts = []
+    for source, weight in enumerate(weights):
+        members = torch.nonzero(source_ids == source).flatten()
+        parts += [members] * int(weight)
+        extra = int(round((weight - int(weight)) * len(members)))
+        if extra:
+            parts.append(members[torch.randperm(len(members), generator=generator)[:extra]])
+    pool = torch.cat(parts)
+    return pool[torch.randperm(len(pool), generator=generator)]
+
+
+def hold_out_classes(n_classes: int, share: float, seed: int, test_seed: int) -> tuple[set[int], set[int]]:
+    """(validation classes, test classes) of the outliers: a seeded ``share`` of the classes, half each, never
+    trained on. The test classes are drawn first, with the test split's own seed."""
+    n_hold = max(2, int(round(share * n_classes)))
+    order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(test_seed)).tolist()
+    n_test = n_hold - n_hold // 2
+    test, rest = order[:n_test], order[n_test:]
+    rest = [rest[i] for i in torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed)).tolist()]
+    return set(rest[: n_hold // 2]), set(test)
+
+
 def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """List ``(file, class index)`` pairs; class names are the sorted subfolder names."""
     root = Path(root)
@@ -86,6 +170,61 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "pipeline"))
 
 
+def _decode_cached(files: list[tuple[Path, int]], root: Path, size: int, cache_dir: str | Path | None,
+                   on_bad_image: str) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, str], str]:
+    """Decode ``(file, label)`` pairs into uint8 images, through the on-disk cache keyed by their fingerprint."""
+    if on_bad_image not in BAD_IMAGE_MODES:
+        raise DataError(f"data.on_bad_image must be error or skip, got {on_bad_image!r}.")
+    fingerprint = fingerprint_files(files, root, size)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cached = cache / f"images-{fingerprint}.npz"
+    if cached.exists():
+        with np.load(cached) as stored:
+            images, labels = stored["images"], stored["labels"]
+            skipped = [str(name) for name in stored["skipped"]] if "skipped" in stored else []
+        return images, labels, skipped, {}, fingerprint  # the reasons are not cached; the names are
+    images = np.empty((len(files), 3, size, size), dtype=np.uint8)
+    keep = np.ones(len(files), dtype=bool)
+    errors: dict[str, str] = {}
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"Decoding {len(files):,} images", total=len(files))
+        for i, (path, _) in enumerate(files):
+            try:
+                images[i] = decode_image(path, size)
+            except ImageDecodeError as error:
+                if on_bad_image == "error":
+                    raise DataError(
+                        f"Image {str(path)!r} could not be decoded: {error} "
+                        "(--set data.on_bad_image=skip leaves unreadable files out)."
+                    ) from error
+                keep[i] = False
+                errors[str(path.relative_to(root))] = str(error)
+            if i % 256 == 0:
+                progress.update(task, completed=i)
+    labels = np.array([label for _, label in files], dtype=np.int64)[keep]
+    images = images[keep] if errors else images
+    skipped = list(errors)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cache / f"images-{fingerprint}.{os.getpid()}.tmp.npz"
+    np.savez(partial, images=images, labels=labels, skipped=np.array(skipped, dtype=str))
+    partial.replace(cached)  # atomic: a killed run never leaves a half-written cache
+    return images, labels, skipped, errors, fingerprint
+
+
+def _report_skipped(root: Path, skipped: list[str], total: int, errors: dict[str, str], on_bad_image: str) -> None:
+    if not skipped:
+        return
+    if on_bad_image == "error":
+        raise DataError(
+            f"Image {str(root / skipped[0])!r} could not be decoded ({len(skipped)} file(s) in "
+            f"{str(root)!r} do not decode; --set data.on_bad_image=skip leaves them out)."
+        )
+    _check_bad_fraction(root, skipped, total, errors)
+    shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    print(f"note: skipped {len(skipped)} of {total:,} images in {root} that do not decode: {shown}"
+          + (f" (first error: {next(iter(errors.values()))})" if errors else ""))
+
+
 def load_image_folder(root: str | Path, size: int = 32, cache_dir: str | Path | None = None,
                       on_bad_image: str = "error") -> ImageSet:
     """Decode every image of an ImageFolder-shaped directory, using the cache when it matches.
@@ -97,50 +236,45 @@ def load_image_folder(root: str | Path, size: int = 32, cache_dir: str | Path | 
         raise DataError(f"data.on_bad_image must be error or skip, got {on_bad_image!r}.")
     root = Path(root)
     classes, files = scan_image_folder(root)
-    fingerprint = fingerprint_files(files, root, size)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    cached = cache / f"images-{fingerprint}.npz"
-    if cached.exists():
-        with np.load(cached) as stored:
-            images, labels = stored["images"], stored["labels"]
-            skipped = [str(name) for name in stored["skipped"]] if "skipped" in stored else []
-        errors = {}  # the reasons are not cached; the names are
-    else:
-        images = np.empty((len(files), 3, size, size), dtype=np.uint8)
-        keep = np.ones(len(files), dtype=bool)
-        errors: dict[str, str] = {}
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"Decoding {len(files):,} images", total=len(files))
-            for i, (path, _) in enumerate(files):
-                try:
-                    images[i] = decode_image(path, size)
-                except ImageDecodeError as error:
-                    if on_bad_image == "error":
-                        raise DataError(
-                            f"Image {str(path)!r} could not be decoded: {error} "
-                            "(--set data.on_bad_image=skip leaves unreadable files out)."
-                        ) from error
-                    keep[i] = False
-                    errors[str(path.relative_to(root))] = str(error)
-                if i % 256 == 0:
-                    progress.update(task, completed=i)
-        labels = np.array([label for _, label in files], dtype=np.int64)[keep]
-        images = images[keep] if errors else images
-        skipped = list(errors)
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = cache / f"images-{fingerprint}.{os.getpid()}.tmp.npz"
-        np.savez(partial, images=images, labels=labels, skipped=np.array(skipped, dtype=str))
-        partial.replace(cached)  # atomic: a killed run never leaves a half-written cache
-    if skipped:
-        if on_bad_image == "error":
-            raise DataError(
-                f"Image {str(root / skipped[0])!r} could not be decoded ({len(skipped)} file(s) in "
-                f"{str(root)!r} do not decode; --set data.on_bad_image=skip leaves them out)."
-            )
-        _check_bad_fraction(root, skipped, len(files), errors)
-        shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
-        print(f"note: skipped {len(skipped)} of {len(files):,} images in {root} that do not decode: {shown}"
-              + (f" (first error: {next(iter(errors.values()))})" if errors else ""))
+    images, labels, skipped, errors, fingerprint = _decode_cached(files, root, size, cache_dir, on_bad_image)
+    _report_skipped(root, skipped, len(files), errors, on_bad_image)
+    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes, fingerprint, str(root), skipped)
+
+
+_NUMBERED = re.compile(r"^(.*?)[_-]?\d+$")
+
+
+def outlier_group(relative: Path, by_folder: bool = True) -> str:
+    """The class an out-of-scope file belongs to, for holding outliers out by class: its subfolder when the
+    files are in several (``by_folder``), else its name less a trailing number (``tin_n01443537_12.JPEG`` ->
+    ``tin_n01443537``, ``cifar_airplane_0001.jpg`` -> ``cifar_airplane``)."""
+    if by_folder and len(relative.parts) > 1:
+        return str(relative.parent)
+    match = _NUMBERED.match(relative.stem)
+    return match.group(1) if match and match.group(1) else relative.stem
+
+
+def load_outlier_folder(root: str | Path, size: int = 32, cache_dir: str | Path | None = None,
+                        on_bad_image: str = "error") -> ImageSet:
+    """Decode every image under an unlabelled folder of out-of-scope images (any depth, or ``images/``).
+
+    ``labels`` index ``classes``, the outlier classes found by :func:`outlier_group`: they are what the
+    validation and test outliers are held out by, never training targets.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Outlier folder {str(root)!r} does not exist or is not a folder.")
+    found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not found:
+        raise DataError(f"Outlier folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    by_folder = len({p.parent for p in found}) > 1  # one folder (outliers-train/images/): classes from the names
+    groups = [outlier_group(p.relative_to(root), by_folder) for p in found]
+    classes = sorted(set(groups))
+    index = {name: i for i, name in enumerate(classes)}
+    files = [(p, index[g]) for p, g in zip(found, groups)]
+    images, labels, skipped, errors, fingerprint = _decode_cached(files, root, size, cache_dir, on_bad_image)
+    _report_skipped(root, skipped, len(files), errors, on_bad_image)
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes, fingerprint, str(root), skipped)
 
 
@@ -276,8 +410,13 @@ class TensorBatches:
         rank: int = 0,
         world_size: int = 1,
         flip_mask: Optional[torch.Tensor] = None,
+        source_ids: Optional[torch.Tensor] = None,
+        source_weights: Optional[list[float]] = None,
     ) -> None:
         self.images, self.labels = images, labels
+        weighted = source_weights is not None and any(w != 1.0 for w in source_weights)
+        self.source_ids = source_ids.cpu() if weighted and source_ids is not None else None
+        self.source_weights = source_weights
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.rank, self.world_size = rank, world_size
         self.flip_mask = None if flip_mask is None else flip_mask.to(images.device)
@@ -285,7 +424,11 @@ class TensorBatches:
 
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
-        if self.shuffle:
+        if self.shuffle and self.source_ids is not None:
+            order = weighted_order(self.source_ids, self.source_weights,
+                                   torch.Generator().manual_seed(self.seed + self.epoch))
+            n = len(order)
+        elif self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=generator)
         else:
@@ -312,18 +455,51 @@ class TensorBatches:
             yield images, self.labels[index]
 
 
-class ImageFolderDataModule(L.LightningDataModule):
-    """Train/val/test splits of one image folder (or its own test/ folder), as uint8 tensors.
+class OutlierBatches:
+    """Training batches with ``per_batch`` outliers appended to each, labelled -1 (outlier exposure).
 
-    Without a ``test/`` folder, ``test_fraction`` of the images is held out first (seeded,
-    stratified): no training step, checkpoint choice or champion choice ever sees them.
-    ``val_fraction`` of the rest is the validation split that those choices use.
+    The outliers are drawn without repeats until all were seen, reshuffled each pass (seeded by epoch
+    and rank), so a step's share of outliers costs the same every epoch.
+    """
+
+    def __init__(self, batches: TensorBatches, outliers: torch.Tensor, per_batch: int, seed: int, rank: int = 0):
+        self.batches, self.outliers, self.per_batch = batches, outliers, per_batch
+        self.seed, self.rank = seed, rank
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.batches.epoch * 31 + self.rank)
+        n = len(self.outliers)
+        order, used = torch.randperm(n, generator=generator), 0
+        for images, labels in self.batches:
+            if used + self.per_batch > n:
+                order, used = torch.randperm(n, generator=generator), 0
+            index = order[used : used + self.per_batch].to(self.outliers.device)
+            used += self.per_batch
+            extra = self.outliers[index]
+            yield (torch.cat([images, extra]),
+                   torch.cat([labels, torch.full((len(extra),), -1, dtype=labels.dtype, device=labels.device)]))
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Train/val/test splits of one or more labelled image folders, and outliers, as uint8 tensors.
+
+    ``data_dir`` is a folder, or several joined by commas (``A,B``; ``A:2`` weights A); without it,
+    ``sources`` (``data.sources``). Each source is split on its own: without a ``test/`` folder,
+    ``test_fraction`` of its images is held out first (seeded, stratified): no training step, checkpoint
+    choice or champion choice ever sees them. ``val_fraction`` of the rest is its validation split.
+    ``train_source``/``val_source``/``test_source`` say which source each image came from.
+    ``outliers`` are unlabelled folders of out-of-scope images: ``outlier_holdout`` of their classes is
+    held out (half validation, half test outliers), and each training step appends ``outlier_share`` x its
+    batch of the others, labelled -1 (0: outliers only scored, never trained on).
     ``batch_size`` is the global batch: each DDP rank takes ``batch_size / world_size``.
     """
 
     def __init__(
         self,
-        data_dir: str,
+        data_dir: str = "",
         image_size: int = 32,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -339,6 +515,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         color_jitter: float = 0.0,
         on_bad_image: str = "error",
         cache_dir: str | None = None,
+        sources: Optional[list] = None,
+        outliers: Optional[list] = None,
+        outlier_share: float = 0.25,
+        outlier_holdout: float = 0.2,
     ) -> None:
         super().__init__()
         if flip not in FLIP_MODES:
@@ -349,7 +529,15 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ValueError(f"data.on_bad_image must be error or skip, got {on_bad_image!r}")
         if not 0.0 <= test_fraction < 1.0:
             raise ValueError(f"data.test_fraction must be in [0, 1), got {test_fraction}")
-        self.data_dir = data_dir
+        if not 0.0 < outlier_holdout < 1.0:
+            raise ValueError(f"data.outlier_holdout must be in (0, 1), got {outlier_holdout}")
+        if not 0.0 <= outlier_share <= 4.0:
+            raise ValueError(f"data.outlier_share (outliers per step, as a share of the batch) must be in [0, 4], "
+                             f"got {outlier_share}")
+        self.data_dir = data_dir or ",".join(str(s["path"] if isinstance(s, dict) else s) for s in (sources or []))
+        self.sources = parse_sources(data_dir if data_dir else (sources or []))
+        self.outlier_dirs = [str(o) for o in (outliers or [])]
+        self.outlier_share, self.outlier_holdout = float(outlier_share), float(outlier_holdout)
         self.image_size, self.val_fraction, self.test_fraction, self.seed = image_size, val_fraction, test_fraction, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.test_seed = seed + 1 if test_seed is None else int(test_seed)
@@ -364,13 +552,46 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.augment_generator: Optional[torch.Generator] = None
         self._prepared = False
 
+    @property
+    def source_names(self) -> list[str]:
+        return [source.name for source in self.sources]
+
     def prepare(self) -> None:
         """Decode (or load from cache) and split; safe to call more than once."""
         if self._prepared:
             return
-        train_dir, test_dir = resolve_data_dir(self.data_dir)
+        parts: dict[str, list] = {split: [] for split in ("train", "val", "test")}
+        fingerprints, self.classes, self.test_from_folder, self.source_fingerprints = [], None, [], []
+        for index, source in enumerate(self.sources):
+            split = self._split_source(index, source)
+            self.source_fingerprints.append(split["fingerprint"])
+            fingerprints.append(f"{split['fingerprint']}:{source.weight}")
+            for name in parts:
+                if split[name] is not None:
+                    parts[name].append(split[name])
+        for name, found in parts.items():
+            images = torch.cat([f[0] for f in found]) if found else None
+            labels = torch.cat([f[1] for f in found]) if found else None
+            ids = torch.cat([f[2] for f in found]) if found else None
+            setattr(self, f"{name}_images", images)
+            setattr(self, f"{name}_labels", labels)
+            setattr(self, f"{name}_source", ids)
+        self.mean, self.std = channel_stats(self.train_images)
+        fingerprints += self._prepare_outliers()
+        self.fingerprint = (fingerprints[0].split(":")[0] if len(fingerprints) == 1 and self.sources[0].weight == 1.0
+                            else hashlib.sha256("|".join(fingerprints).encode()).hexdigest()[:16])
+        self._prepared = True
+
+    def _split_source(self, index: int, source: Source) -> dict:
+        """One source's train/val/test images, labels and source ids."""
+        train_dir, test_dir = resolve_data_dir(source.path)
         full = load_image_folder(train_dir, self.image_size, self.cache_dir, self.on_bad_image)
-        self.skipped = list(full.skipped)
+        self.skipped += [f"{source.name}/{name}" if len(self.sources) > 1 else name for name in full.skipped]
+        if self.classes is None:
+            self.classes = full.classes
+        elif full.classes != self.classes:
+            raise DataError(f"Data folder {str(train_dir)!r} has classes {full.classes}, but "
+                            f"{self.sources[0].path!r} has {self.classes}: every source needs the same class folders.")
         hold_test = test_dir is None and self.test_fraction > 0
         needed = 3 if hold_test else 2
         counts = torch.bincount(full.labels, minlength=len(full.classes))
@@ -380,20 +601,20 @@ class ImageFolderDataModule(L.LightningDataModule):
                     f"Class {name!r} in {str(train_dir)!r} has {count} image(s); it needs at least {needed} "
                     f"(one each for training, validation{' and test' if hold_test else ''})."
                 )
-        self.classes = full.classes
-        self.fingerprint = full.fingerprint
-        self.test_images = self.test_labels = None
+
+        def tagged(images, labels):
+            return images, labels, torch.full((len(labels),), index, dtype=torch.int64)
+
+        out = {"fingerprint": full.fingerprint, "test": None}
         pool = torch.arange(len(full.labels))
         if hold_test:
             # The test split is drawn first, with its own seed, so val_fraction never moves it, and a new
             # test_seed draws a fresh test split without touching anything else of the config.
             pool, test_idx = split_indices(full.labels, self.test_fraction, self.test_seed)
-            self.test_images, self.test_labels = full.images[test_idx], full.labels[test_idx]
+            out["test"] = tagged(full.images[test_idx], full.labels[test_idx])
         train_rel, val_rel = split_indices(full.labels[pool], self.val_fraction, self.seed)
-        train_idx, val_idx = pool[train_rel], pool[val_rel]
-        self.train_images, self.train_labels = full.images[train_idx], full.labels[train_idx]
-        self.val_images, self.val_labels = full.images[val_idx], full.labels[val_idx]
-        self.mean, self.std = channel_stats(self.train_images)
+        out["train"] = tagged(full.images[pool[train_rel]], full.labels[pool[train_rel]])
+        out["val"] = tagged(full.images[pool[val_rel]], full.labels[pool[val_rel]])
         if test_dir is not None:
             test = load_image_folder(test_dir, self.image_size, self.cache_dir, self.on_bad_image)
             self.skipped += [f"test/{name}" for name in test.skipped]
@@ -402,8 +623,46 @@ class ImageFolderDataModule(L.LightningDataModule):
                     f"Test folder {str(test_dir)!r} has classes {test.classes}, "
                     f"but the training folder has {self.classes}."
                 )
-            self.test_images, self.test_labels = test.images, test.labels
-        self._prepared = True
+            out["test"] = tagged(test.images, test.labels)
+        self.test_from_folder.append(test_dir is not None)
+        return out
+
+    def _prepare_outliers(self) -> list[str]:
+        """Load the outlier folders; hold out a seeded share of their classes as validation and test outliers."""
+        self.outlier_classes: list[str] = []
+        self.outlier_fingerprint = ""
+        self.outlier_train = self.outlier_val = self.outlier_test = None
+        if not self.outlier_dirs:
+            return []
+        images, groups, fingerprints = [], [], []
+        for folder in self.outlier_dirs:
+            found = load_outlier_folder(folder, self.image_size, self.cache_dir, self.on_bad_image)
+            prefix = f"{Path(folder).name}/" if len(self.outlier_dirs) > 1 else ""
+            groups.append(found.labels + len(self.outlier_classes))
+            self.outlier_classes += [prefix + name for name in found.classes]
+            images.append(found.images)
+            fingerprints.append(found.fingerprint)
+            self.skipped += [f"outliers/{name}" for name in found.skipped]
+        images, groups = torch.cat(images), torch.cat(groups)
+        self.outlier_fingerprint = hashlib.sha256("|".join(fingerprints).encode()).hexdigest()[:16]
+        if len(self.outlier_classes) >= 3:
+            val_classes, test_classes = hold_out_classes(len(self.outlier_classes), self.outlier_holdout,
+                                                         self.seed, self.test_seed)
+            val = torch.isin(groups, torch.tensor(sorted(val_classes)))
+            test = torch.isin(groups, torch.tensor(sorted(test_classes)))
+        else:  # one or two classes (file names without a class): held out by image, and said so
+            print(f"note: the outliers in {', '.join(self.outlier_dirs)} show {len(self.outlier_classes)} class(es), "
+                  "so their validation and test outliers are held out by image, not by class")
+            order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(self.test_seed))
+            n = max(1, int(round(self.outlier_holdout / 2 * len(groups))))
+            val, test = torch.zeros(len(groups), dtype=torch.bool), torch.zeros(len(groups), dtype=torch.bool)
+            test[order[:n]], val[order[n : 2 * n]] = True, True
+        self.outlier_train_groups = groups[~(val | test)]
+        self.outlier_train, self.outlier_val, self.outlier_test = images[~(val | test)], images[val], images[test]
+        if len(self.outlier_train) == 0 or len(self.outlier_val) == 0 or len(self.outlier_test) == 0:
+            raise DataError(f"Outlier folder(s) {', '.join(self.outlier_dirs)} hold {len(groups)} image(s): too few "
+                            "for training, validation and test outliers.")
+        return [f"outliers:{f}:{self.outlier_share}:{self.outlier_holdout}" for f in fingerprints]
 
     def summary(self) -> dict:
         self.prepare()
@@ -411,31 +670,36 @@ class ImageFolderDataModule(L.LightningDataModule):
             "data_dir": str(self.data_dir),
             "fingerprint": self.fingerprint,
             "classes": self.classes,
+            "sources": self.source_names,
             "train_size": len(self.train_labels),
             "val_size": len(self.val_labels),
             "test_size": 0 if self.test_labels is None else len(self.test_labels),
-            "test_source": "none" if self.test_labels is None else ("test/ folder" if self.has_test_folder()
+            "test_source": "none" if self.test_labels is None else ("test/ folder" if all(self.test_from_folder)
                                                                     else f"{self.test_fraction:.0%} held out"),
             "mean": self.mean,
             "std": self.std,
             "skipped_images": len(self.skipped),
+            "outliers": {split: 0 if images is None else len(images) for split, images in
+                         (("train", self.outlier_train), ("val", self.outlier_val), ("test", self.outlier_test))},
         }
 
-    def split_counts(self) -> dict[str, dict[str, int]]:
-        """Images per class in each split, for the MLflow dataset inputs."""
+    def split_counts(self, source: Optional[int] = None) -> dict[str, dict[str, int]]:
+        """Images per class in each split (of one source, or all), for the MLflow dataset inputs."""
         self.prepare()
 
-        def counts(labels) -> dict[str, int]:
+        def counts(labels, ids) -> dict[str, int]:
             if labels is None:
                 return {}
-            found = torch.bincount(labels.cpu(), minlength=len(self.classes)).tolist()
+            labels = labels.cpu() if source is None else labels.cpu()[ids.cpu() == source]
+            found = torch.bincount(labels, minlength=len(self.classes)).tolist()
             return dict(zip(self.classes, found))
 
-        return {"training": counts(self.train_labels), "validation": counts(self.val_labels),
-                "test": counts(self.test_labels)}
+        return {"training": counts(self.train_labels, self.train_source),
+                "validation": counts(self.val_labels, self.val_source),
+                "test": counts(self.test_labels, self.test_source)}
 
     def has_test_folder(self) -> bool:
-        return resolve_data_dir(self.data_dir)[1] is not None
+        return all(resolve_data_dir(source.path)[1] is not None for source in self.sources)
 
     def rank_batch_size(self) -> int:
         """This rank's share of the global batch, capped so that the smallest data set still has one batch."""
@@ -456,7 +720,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.augment_generator = torch.Generator(device=device).manual_seed(self.seed * 1000 + rank)
         if device.type == "cuda":
             # Device-resident data: 18k CIFAR images are 55 MB, batches never cross PCIe.
-            for name in ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels"):
+            for name in ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels",
+                         "outlier_train"):
                 value = getattr(self, name)
                 if value is not None:
                     setattr(self, name, value.to(device, non_blocking=True))
@@ -472,9 +737,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         batches = TensorBatches(
             self.train_images, self.train_labels, self.rank_batch_size(), shuffle=True,
             seed=self.seed, drop_last=True, rank=rank, world_size=world, flip_mask=flip_mask,
+            source_ids=self.train_source, source_weights=[source.weight for source in self.sources],
         )
         # A resumed run continues the shuffle order where the interrupted one was.
         batches.epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if self.outlier_train is not None and self.outlier_share > 0:
+            per_batch = max(1, int(round(self.outlier_share * batches.batch_size)))
+            return OutlierBatches(batches, self.outlier_train, per_batch, self.seed, rank)
         return batches
 
     def val_dataloader(self) -> TensorBatches:

@@ -104,18 +104,24 @@ def folder_metrics(folder: EvalFolder, probabilities: np.ndarray, flagged: np.nd
                    classes: list[str]) -> dict[str, float]:
     """``eval/<name>/...`` metrics: accuracy (overall, class-balanced, per class) and calibration for a
     labelled folder; for every folder, the share of answers flagged out of scope."""
-    prefix = f"eval/{folder.name}/"
+    return labelled_metrics(f"eval/{folder.name}/", probabilities, folder.labels, flagged, classes)
+
+
+def labelled_metrics(prefix: str, probabilities: np.ndarray, labels: np.ndarray | None, flagged: np.ndarray | None,
+                     classes: list[str]) -> dict[str, float]:
+    """``<prefix>acc``, ``balanced_acc``, ``acc_<class>``, ``ece``, ``nll``, ``brier`` (with labels), ``images``,
+    ``mean_confidence`` and ``out_of_scope_rate`` (with ``flagged``) of one set of answers."""
     out: dict[str, float] = {f"{prefix}images": float(len(probabilities)),
                              f"{prefix}mean_confidence": float(probabilities.max(axis=1).mean())}
     if flagged is not None:
         out[f"{prefix}out_of_scope_rate"] = float(np.mean(flagged))
-    if folder.labelled:
-        scores = score(probabilities, folder.labels, classes)
+    if labels is not None:
+        scores = score(probabilities, labels, classes)
         present = [name for name in classes if not np.isnan(scores.per_class[name])]
         out[f"{prefix}acc"] = scores.accuracy
         out[f"{prefix}balanced_acc"] = float(np.mean([scores.per_class[name] for name in present]))
         out.update({f"{prefix}acc_{name}": scores.per_class[name] for name in present})
-        calibration = calibration_scores(probabilities, folder.labels)
+        calibration = calibration_scores(probabilities, labels)
         out.update({f"{prefix}{key}": calibration[key] for key in ("ece", "nll", "brier")})
     return out
 

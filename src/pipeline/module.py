@@ -71,6 +71,26 @@ class Classifier(nn.Module):
         return torch.softmax(self(images) / self.temperature, dim=-1)
 
 
+def outlier_loss(outlier_logits: torch.Tensor, kind: str, inside_logits: torch.Tensor | None = None,
+                 margins: tuple[float, float] = (-25.0, -7.0)) -> torch.Tensor:
+    """Outlier exposure: push the answers for out-of-scope images towards "none of these".
+
+    ``uniform`` (Hendrycks et al. 2019): cross-entropy from the softmax to the uniform distribution.
+    ``energy`` (Liu et al. 2020): squared hinges that keep in-scope energies below ``margins[0]`` and
+    outlier energies above ``margins[1]`` (energy = -logsumexp of the logits).
+    """
+    if kind == "uniform":
+        return -F.log_softmax(outlier_logits.float(), dim=1).mean()
+    if kind == "energy":
+        energy_out = -torch.logsumexp(outlier_logits.float(), dim=1)
+        loss = F.relu(margins[1] - energy_out).pow(2).mean()
+        if inside_logits is not None and len(inside_logits):
+            energy_in = -torch.logsumexp(inside_logits.float(), dim=1)
+            loss = loss + F.relu(energy_in - margins[0]).pow(2).mean()
+        return loss
+    raise ValueError(f"optim.outlier_loss must be uniform or energy, got {kind!r}")
+
+
 def split_head(net: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(everything up to the penultimate features, the rest): the net's named stages and head
     (``explain_stages`` / ``explain_head``) cut before the head's last linear layer."""
@@ -111,10 +131,15 @@ class LitClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.optim.label_smoothing)
-        self.train_acc(logits, labels)
+        inside = labels >= 0  # outliers (data.outliers) come labelled -1
+        loss = F.cross_entropy(logits[inside], labels[inside], label_smoothing=self.optim.label_smoothing)
+        self.train_acc(logits[inside], labels[inside])
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if not bool(inside.all()):
+            exposure = outlier_loss(logits[~inside], self.optim.outlier_loss, logits[inside])
+            self.log("train/outlier_loss", exposure, on_step=False, on_epoch=True, sync_dist=True)
+            loss = loss + self.optim.outlier_weight * exposure
         return loss
 
     def _eval_step(self, batch, stage: str) -> None:

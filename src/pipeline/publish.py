@@ -29,6 +29,13 @@ from pipeline.runs import RunResult, metric_history
 from pipeline.runtime.model_folder import CHECKSUM_TAG, file_checksums
 from pipeline.trust import make_trustworthy
 
+def source_mean(probabilities, dm: ImageFolderDataModule) -> float:
+    """Mean over the training sources of validation accuracy, on the deployed graph's answers."""
+    hits = probabilities.argmax(axis=1) == dm.val_labels.cpu().numpy()
+    ids = dm.val_source.cpu().numpy()
+    return float(sum(hits[ids == i].mean() for i in set(ids.tolist())) / len(set(ids.tolist())))
+
+
 def publish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpoint,
                logger: MLFlowLogger, client: MlflowClient) -> RunResult:
     """Score the chosen checkpoint, calibrate it, log plots, the MLflow Model and its checksums."""
@@ -66,10 +73,17 @@ def publish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckp
                   "from the training images",
         "data_fingerprint": dm.fingerprint, "temperature": trust.temperature,
         "out_of_scope": trust.scope_metadata,
+        "sources": [{"name": source.name, "path": str(source.path), "weight": source.weight,
+                     **{f"test_{key}": trust.metrics[f"source/{source.name}/test_{key}"] for key in ("acc", "balanced_acc", "ece")
+                        if f"source/{source.name}/test_{key}" in trust.metrics}} for source in dm.sources],
+        "outliers": {"folders": list(dm.outlier_dirs), "classes": len(dm.outlier_classes),
+                     **{f"test_{key}": trust.metrics[f"outliers/test/{key}"] for key in ("auroc", "fpr_at_95")
+                        if f"outliers/test/{key}" in trust.metrics}},
     }
     mlflow.set_tracking_uri(client.tracking_uri)
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({"best_val_acc": scores.accuracy,
+        # The champion rule compares the mean over sources of validation accuracy (pipeline.champion).
+        mlflow.log_metrics({"best_val_acc": scores.accuracy, "val_acc_source_mean": source_mean(val_probs, dm),
                             **scores.metrics("best/val_")})
         if test_scores is not None:
             mlflow.log_metrics({"test_acc": test_scores.accuracy, **test_scores.metrics("best/test_")})

@@ -92,7 +92,14 @@ def log_run_start(logger: Any, config: dict, data_dir: str, dm: Any, tags: dict[
     for key, value in {"git_commit": git_commit(), "data_dir": str(data_dir),
                        "data_fingerprint": summary["fingerprint"], **tags}.items():
         client.set_tag(run_id, key, value)
-    log_split_inputs(client, run_id, resolve_data_dir(data_dir)[0], dm.fingerprint, dm.split_counts())
+    for index, source in enumerate(dm.sources):  # one dataset input per source and split
+        log_split_inputs(client, run_id, resolve_data_dir(source.path)[0], dm.source_fingerprints[index],
+                         dm.split_counts(index))
+    if dm.outlier_dirs:
+        sizes = dm.summary()["outliers"]
+        log_split_inputs(client, run_id, dm.outlier_dirs[0], dm.outlier_fingerprint,
+                         {f"outliers-{split}": {"images": sizes[key]} for split, key in
+                          (("training", "train"), ("validation", "val"), ("test", "test"))})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump({**config, "data_dir": str(data_dir)}, sort_keys=False))

@@ -22,7 +22,7 @@ import torch
 from rich.table import Table
 
 from pipeline.calibration import calibration_scores, fit_temperature
-from pipeline.evaluation import EvalFolder, auroc, folder_metrics, fpr_at_tpr, load_eval_folder
+from pipeline.evaluation import EvalFolder, auroc, folder_metrics, fpr_at_tpr, labelled_metrics, load_eval_folder
 from pipeline.scope import (
     SCORES, CombinedScore, Deployed, EnergyScore, NearestNeighbourScore, Outputs, bank_rows, features, outputs,
     threshold_for,
@@ -56,12 +56,70 @@ class TrustReport:
                           "" if get("nll") is None else f"{get('nll'):.4f}",
                           f"{get('out_of_scope_rate'):.3f}"
                           + ("" if get("auroc_vs_test") is None else f" (AUROC vs test {get('auroc_vs_test'):.3f})"))
+        sources = sorted({key.split("/")[1] for key in m if key.startswith("source/")})
+        for name in sources if len(sources) > 1 else []:
+            for split in ("val", "test"):
+                get = lambda key: m.get(f"source/{name}/{split}_{key}")  # noqa: E731
+                if get("acc") is not None:
+                    table.add_row(f"{split}: {name}", f"{get('acc'):.4f} ({get('balanced_acc'):.4f} balanced)", "",
+                                  f"{get('ece'):.4f}", "", f"{get('nll'):.4f}", f"{get('out_of_scope_rate'):.3f}")
+        for split in ("val", "test"):
+            if f"outliers/{split}/auroc" in m:
+                table.add_row(f"{split} outliers (held-out classes)", "", "", "", "", "",
+                              f"{m[f'outliers/{split}/flagged']:.3f} (AUROC {m[f'outliers/{split}/auroc']:.3f}, "
+                              f"FPR@95 {m[f'outliers/{split}/fpr_at_95']:.3f})")
         return table
 
     def plot(self, path: Path, family: str) -> Path:
         from pipeline.plots import plot_reliability
 
         return plot_reliability(self.curves, path, f"{family}: reliability (T = {self.temperature:.3f})")
+
+
+def source_metrics(dm, split: str, probabilities: np.ndarray, labels: np.ndarray,
+                   flagged: np.ndarray) -> dict[str, float]:
+    """``source/<name>/<split>_...`` (accuracy, balanced accuracy, calibration, share flagged) for each training
+    source, ``<split>_balanced_acc`` overall, and ``<split>_acc_source_mean``: the mean over sources of accuracy,
+    what the champion rule compares (a family better on one source and worse on another does not win by size)."""
+    ids = getattr(dm, f"{split}_source", None)
+    names = list(getattr(dm, "source_names", []) or ["data"])
+    ids = np.zeros(len(labels), dtype=np.int64) if ids is None else ids.cpu().numpy()
+    overall = labelled_metrics(f"{split}_", probabilities, labels, None, dm.classes)
+    metrics = {f"{split}_balanced_acc": overall[f"{split}_balanced_acc"]}
+    accuracies = []
+    for index, name in enumerate(names):
+        inside = ids == index
+        if not inside.any():
+            continue
+        found = labelled_metrics(f"source/{name}/{split}_", probabilities[inside], labels[inside], flagged[inside],
+                                 dm.classes)
+        accuracies.append(found[f"source/{name}/{split}_acc"])
+        metrics.update(found)
+    metrics[f"{split}_acc_source_mean"] = float(np.mean(accuracies))
+    return metrics
+
+
+def outlier_metrics(dm, in_scope: dict[str, np.ndarray], scope_scores, classifier: torch.nn.Module,
+                    threshold: float) -> dict[str, float]:
+    """Validation and test outliers (classes never trained on) against the in-scope split of the same name:
+    ``outliers/<split>/auroc``, ``fpr_at_95`` and ``flagged`` (share above the threshold), also per source."""
+    metrics: dict[str, float] = {}
+    names = list(getattr(dm, "source_names", []) or [])
+    for split, inside in in_scope.items():
+        images = getattr(dm, f"outlier_{split}", None)
+        if images is None:
+            continue
+        scores = scope_scores(outputs(classifier, images.cpu()))
+        metrics.update({f"outliers/{split}/images": float(len(scores)), f"outliers/{split}/auroc": auroc(inside, scores),
+                        f"outliers/{split}/fpr_at_95": fpr_at_tpr(inside, scores),
+                        f"outliers/{split}/flagged": float(np.mean(scores > threshold))})
+        ids = getattr(dm, f"{split}_source", None)
+        if ids is not None and len(names) > 1:
+            ids = ids.cpu().numpy()
+            for index, name in enumerate(names):
+                if (ids == index).any():
+                    metrics[f"source/{name}/{split}_outlier_auroc"] = auroc(inside[ids == index], scores)
+    return metrics
 
 
 def make_trustworthy(config: dict, classifier: torch.nn.Module, dm) -> tuple[Deployed, TrustReport]:
@@ -120,6 +178,9 @@ def make_trustworthy(config: dict, classifier: torch.nn.Module, dm) -> tuple[Dep
         metrics[f"{split}_out_of_scope_rate"] = float(np.mean(scores > threshold))
         report.curves[split] = (out.probabilities(), out.probabilities(temperature), labels)
         in_scope_scores[split] = scores
+        metrics.update(source_metrics(dm, split, out.probabilities(temperature), labels, scores > threshold))
+    metrics.update(outlier_metrics(dm, {split: v[2] for split, v in splits.items()}, scope_scores, classifier,
+                                   threshold))
 
     folders = (config.get("evaluation") or {}).get("folders") or {}
     loaded: list[tuple[EvalFolder, np.ndarray]] = []
