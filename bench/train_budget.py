@@ -136,6 +136,12 @@ def report(db: Path, experiment: str, wall: float | None, markdown: bool, title:
     for row in families:
         per_family.add_row(*[row[c] for c in columns])
     console.print(per_family)
+    client = MlflowClient(f"sqlite:///{db.resolve()}")
+    exp = client.get_experiment_by_name(experiment)
+    finished = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                               order_by=["attributes.start_time ASC"])
+                if r.data.tags.get("kind") != "evaluation"]
+    console.print(source_table(finished, val_only))
     console.print(machine())
     if json_path is not None:
         import json
@@ -155,9 +161,55 @@ def report(db: Path, experiment: str, wall: float | None, markdown: bool, title:
             print("| " + " | ".join(row[c] for c in columns) + " |")
 
 
+def absolute(part: str) -> str:
+    """A --data entry with its folder made absolute (the runs start in another folder); ``:weight`` kept."""
+    head, _, tail = part.rpartition(":")
+    try:
+        float(tail)
+        return f"{Path(head).resolve()}:{tail}" if head else str(Path(part).resolve())
+    except ValueError:
+        return str(Path(part).resolve())
+
+
+def source_table(found_runs: list, val_only: bool) -> Table:
+    """Per run and training source: accuracy, balanced accuracy, ECE and the share flagged, on validation (and
+    test); the held-out outlier classes' AUROC; every evaluation folder's balanced accuracy or flagged share."""
+    splits = ("val",) if val_only else ("val", "test")
+    table = Table(title="per source" + (" (validation only)" if val_only else ""))
+    for column in ("family", "seed", "source", *(f"{s} {k}" for s in splits for k in ("acc", "bal", "ECE", "flagged"))):
+        table.add_column(column, justify="left" if column in ("family", "source") else "right")
+    for run in found_runs:
+        m, family, seed = run.data.metrics, run.data.tags.get("family", "?"), run.data.params.get("seed", "?")
+        names = sorted({k.split("/")[1] for k in m if k.startswith("source/")})
+        for name in names:
+            cells = []
+            for split in splits:
+                get = lambda key: m.get(f"source/{name}/{split}_{key}")  # noqa: E731
+                cells += [f"{get(k):.4f}" if get(k) is not None else "" for k in ("acc", "balanced_acc", "ece",
+                                                                                  "out_of_scope_rate")]
+            table.add_row(family, seed, name, *cells)
+        for split in splits:
+            if f"outliers/{split}/auroc" in m:
+                cells = [""] * (4 * len(splits))
+                cells[4 * splits.index(split) + 3] = (f"{m[f'outliers/{split}/flagged']:.3f} "
+                                                      f"(AUROC {m[f'outliers/{split}/auroc']:.3f})")
+                table.add_row(family, seed, f"{split} outliers (held-out classes)", *cells)
+        for name in sorted({k.split("/")[1] for k in m if k.startswith("eval/")}):
+            get = lambda key: m.get(f"eval/{name}/{key}")  # noqa: E731
+            cells = [""] * (4 * len(splits))
+            if get("balanced_acc") is not None:
+                cells[0], cells[1], cells[2] = f"{get('acc'):.4f}", f"{get('balanced_acc'):.4f}", f"{get('ece'):.4f}"
+            against = "photos-dev" if val_only or get("auroc_vs_photos-dev") is not None else "test"
+            auroc = get(f"auroc_vs_{against}")
+            cells[3] = f"{get('out_of_scope_rate'):.3f}" + (f" (AUROC vs {against} {auroc:.3f})" if auroc else "")
+            table.add_row(family, seed, f"eval: {name}", *cells)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="train on this folder in a fresh temporary project, then report")
+    parser.add_argument("--outliers", help="out-of-scope folders for outlier exposure (pipeline train --outliers)")
     parser.add_argument("--report", type=Path, help="report the runs of an existing mlflow.db")
     parser.add_argument("--experiment", default="cifar4")
     parser.add_argument("--profile", default="cpu", choices=["cpu", "gpu", "auto"])
@@ -179,8 +231,10 @@ def main() -> None:
         parser.error("give --data DIR or --report mlflow.db")
     home = args.home or Path(tempfile.mkdtemp(prefix="budget-"))
     home.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pipeline", "train", "--data", str(Path(args.data).resolve()),
-               "--profile", args.profile]
+    data = ",".join(absolute(part) for part in args.data.split(","))
+    command = [sys.executable, "-m", "pipeline", "train", "--data", data, "--profile", args.profile]
+    if args.outliers:
+        command += ["--outliers", ",".join(absolute(part) for part in args.outliers.split(","))]
     if args.models:
         command += ["--models", args.models]
     if args.epochs:
