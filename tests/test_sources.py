@@ -120,7 +120,8 @@ def test_a_run_of_two_sources_and_outliers_reports_each_and_flags_unseen_outlier
     outliers = make_outliers(tmp_path / "outliers" / "images", per_class=30, kinds=10)
     assert main(["train", "--data", f"{a},{b}", "--outliers", str(outliers.parent), "--models", "lenet",
                  "--epochs", "8", "--set", "data.batch_size=32", "--set", "data.val_fraction=0.2",
-                 "--set", "data.outlier_holdout=0.4", "--set", "tracking.system_metrics_interval_s=5"]) == 0
+                 "--set", "data.outlier_holdout=0.4", "--set", "tracking.system_metrics_interval_s=5",
+                 "--set", "trainer.precision=32-true"]) == 0
     uri = f"sqlite:///{isolated_project / 'mlflow.db'}"
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cifar4").experiment_id])
