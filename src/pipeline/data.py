@@ -261,13 +261,10 @@ def load_outlier_folder(root: str | Path, size: int = 32, cache_dir: str | Path 
     ``labels`` index ``classes``, the outlier classes found by :func:`outlier_group`: they are what the
     validation and test outliers are held out by, never training targets.
     """
+    from pipeline.predict import find_images
+
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"Outlier folder {str(root)!r} does not exist or is not a folder.")
-    found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not found:
-        raise DataError(f"Outlier folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    found = find_images(root, "Outlier folder")
     by_folder = len({p.parent for p in found}) > 1  # one folder (outliers-train/images/): classes from the names
     groups = [outlier_group(p.relative_to(root), by_folder) for p in found]
     classes = sorted(set(groups))

@@ -35,14 +35,15 @@ class Predicted:
         return (self.files - self.failed) / self.seconds if self.seconds > 0 else float("nan")
 
 
-def find_images(root: Path) -> list[Path]:
-    """Every image file under ``root``, recursively, in a stable order; hidden files and folders are left out."""
+def find_images(root: Path, what: str = "Folder") -> list[Path]:
+    """Every image file under ``root``, recursively, in a stable order; hidden files and folders are left out.
+    ``what`` names the folder in the errors ("Outlier folder")."""
     if not root.is_dir():
-        raise DataError(f"Folder {str(root)!r} does not exist or is not a folder.")
+        raise DataError(f"{what} {str(root)!r} does not exist or is not a folder.")
     found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not found:
-        raise DataError(f"Folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}), at any depth.")
+        raise DataError(f"{what} {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}), at any depth.")
     return found
 
 
