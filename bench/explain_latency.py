@@ -81,7 +81,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             classifier = rebuild_classifier(next(folder.rglob(WEIGHTS_FILE)), metadata)
             export_explain(classifier, model.image_size, Path(tmp))
-            explainer = Explainer(tmp, model.classes)
+            explainer = Explainer.from_folder(tmp, model.classes)
             classify_ms = median_ms(lambda: model.predict_proba(image), args.rounds)
             graph_ms = median_ms(lambda: explainer.run(image), args.rounds)
             whole_ms = median_ms(lambda: explainer.explain(image, 0), args.rounds)

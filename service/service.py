@@ -28,15 +28,12 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
 from pipeline.runtime.batching import MicroBatcher  # noqa: E402
-from pipeline.runtime.bodies import Limits, RequestError, parse_uploads, read_body  # noqa: E402
+from pipeline.runtime.bodies import RequestError, parse_uploads, read_body  # noqa: E402
 from pipeline.runtime.deadline import FirstByteDeadline  # noqa: E402
-from pipeline.runtime.explainer import Explainer, LazyExplainer  # noqa: E402
-from pipeline.runtime.follower import Follower, Refused, RegistryUnreachable, Served  # noqa: E402
+from pipeline.runtime.follower import Follower, Refused, RegistryUnreachable  # noqa: E402
 from pipeline.runtime.imaging import ImageDecodeError, decode_image  # noqa: E402
-from pipeline.runtime.model_folder import (  # noqa: E402
-    EXPLAIN_JSON, EXPLAIN_ONNX, REQUIRED_FILES, ModelError, modified_files,
-)
-from pipeline.runtime.onnx_model import OnnxClassifier  # noqa: E402
+from pipeline.runtime.loader import Served, load_served  # noqa: E402
+from pipeline.runtime.model_folder import ModelError  # noqa: E402
 from pipeline.runtime.routes import FILE, Field, Route, Router, json_response  # noqa: E402
 from pipeline.runtime.settings import Settings  # noqa: E402
 
@@ -76,18 +73,6 @@ ROUTES = [
           output={"type": "string"}, media_type="text/html"),
 ]
 app = Router(ROUTES, title="Image classifier")
-
-
-def load_packaged_model(folder: Path, expected: dict[str, str]) -> OnnxClassifier:
-    """Refuse a model whose files changed since `make package`, or whose classes do not fit it."""
-    for name in REQUIRED_FILES:
-        if not (folder / name).is_file():
-            raise ModelError(f"Packaged model {SETTINGS.model} at {folder} lacks {name}: run `make package` again.")
-    changed = modified_files(folder, expected)
-    if changed:
-        raise ModelError(f"Checksum of {changed[0]} in {folder} does not match the one recorded at packaging: "
-                         "the model files were modified; run `make package` again.")
-    return OnnxClassifier.from_dir(folder, threads=SETTINGS.thread_count, spinning=SETTINGS.ort_spinning)
 
 
 # With CLASSIFIER_FOLLOW: alias moves taken and refused, on /metrics (summed over the workers).
@@ -137,7 +122,6 @@ class ImageClassifier:
         if self.served is None:
             self.served = self._packaged()
         self.explain_pool = ThreadPoolExecutor(1, "explain")
-        self.limits = Limits.from_settings(SETTINGS)
         self.decoder = ThreadPoolExecutor(2, "decode")
         # Batches of up to 16 images: a bigger batch is no cheaper per image on a CPU (the model is compute
         # bound, TTA views included), and ONNX Runtime's arena grows with it (64: 942 MB RSS under load).
@@ -148,7 +132,7 @@ class ImageClassifier:
         def predict(images: np.ndarray):
             """One (N, classes + 1) array: the probabilities, then the out-of-scope score (NaN without one)."""
             served = self.served
-            probabilities, scores = served.model.predict(images, batch_size=batch)
+            probabilities, scores = served.model.predict(images, chunk=batch)
             column = np.full(len(images), np.nan, np.float32) if scores is None else scores.astype(np.float32)
             return np.column_stack([probabilities, column]), served
 
@@ -171,12 +155,12 @@ class ImageClassifier:
                 f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): run `make package` first."
             ) from error
         info = dict(stored.info.metadata)
-        model = load_packaged_model(Path(stored.path), info.get("checksums", {}))
-        # Models packaged before /explain existed have no explain graph: /explain then says so.
-        explainer = None
-        if (Path(stored.path) / EXPLAIN_ONNX).is_file() and EXPLAIN_JSON in info.get("checksums", {}):
-            explainer = LazyExplainer(lambda: Explainer(stored.path, model.classes, threads=SETTINGS.thread_count))
-        return Served(model, explainer, info)
+        try:
+            return load_served(Path(stored.path), info.get("checksums", {}), info, SETTINGS.thread_count,
+                               SETTINGS.ort_spinning)
+        except ModelError as error:
+            raise ModelError(f"Packaged model {SETTINGS.model} at {stored.path}: {error}; run `make package` "
+                             "again.") from None
 
     def _follow(self) -> Served | None:
         """CLASSIFIER_FOLLOW: start from the alias's model; the packaged one when MLflow cannot give it."""
@@ -202,13 +186,13 @@ class ImageClassifier:
             return served
 
     def _decode(self, upload) -> np.ndarray:
-        return decode_image(upload.data, self.served.model.image_size, self.limits.max_pixels, name=upload.name)
+        return decode_image(upload.data, self.served.model.image_size, SETTINGS.max_pixels, name=upload.name)
 
     async def _read_images(self, request, many: bool, text: dict | None = None) -> list[np.ndarray]:
-        body = await read_body(request, self.limits)
-        uploads = await parse_uploads(request, body, "images" if many else "image", self.limits, text)
-        if len(uploads) > (self.limits.max_batch_files if many else 1):
-            allowed = self.limits.max_batch_files if many else 1
+        body = await read_body(request, SETTINGS)
+        uploads = await parse_uploads(request, body, "images" if many else "image", SETTINGS, text)
+        if len(uploads) > (SETTINGS.max_batch_files if many else 1):
+            allowed = SETTINGS.max_batch_files if many else 1
             raise RequestError(f"{len(uploads)} files sent; at most {allowed} allowed in one request.",
                                413 if many else 400)
         loop = asyncio.get_running_loop()

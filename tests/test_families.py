@@ -108,7 +108,7 @@ def test_a_new_family_is_one_file_and_one_yaml(tmp_path, toy_folder, isolated_pr
         FAMILIES.pop("toy", None)
     mlflow.set_tracking_uri(f"sqlite:///{isolated_project / 'mlflow.db'}")
     folder = Path(mlflow.artifacts.download_artifacts("models:/cifar4-classifier@champion"))
-    explainer = Explainer(locate(folder, EXPLAIN_JSON).parent, ["bird", "boat", "cat", "dog"])
+    explainer = Explainer.from_folder(locate(folder, EXPLAIN_JSON).parent, ["bird", "boat", "cat", "dog"])
     image = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
     answer = explainer.explain(image, target=2)
     assert [stage["name"] for stage in answer["stages"]] == ["conv"]

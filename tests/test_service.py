@@ -217,7 +217,7 @@ def test_service_refuses_a_tampered_model(served):
     finally:
         onnx_file.write_bytes(original)
     assert result.returncode != 0
-    assert "Checksum of model.onnx" in result.stderr
+    assert "model.onnx does not match the checksum" in result.stderr and "run `make package` again" in result.stderr
 
 
 def test_no_packaged_model_is_a_clear_startup_error(tmp_path):

@@ -42,9 +42,7 @@ def first_conv(net: nn.Module) -> nn.Conv2d:
 
 
 def stages_and_head(net: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[nn.Module]]:
-    if not hasattr(net, "explain_stages"):
-        raise ValueError(f"{type(net).__name__} does not name its stages (explain_stages/explain_head).")
-    return net.explain_stages(), net.explain_head()
+    return net.explain_stages(), net.explain_head()  # every registered net names them (models/contract.py)
 
 
 def _head_forward(layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
@@ -222,7 +220,7 @@ def export_checked_explain(classifier: nn.Module, model: "OnnxClassifier", image
     from pipeline.runtime.model_folder import ModelError
 
     export_explain(classifier, model.image_size, out)
-    session = Explainer(out, model.classes).session
+    session = Explainer.from_folder(out, model.classes).session
     probabilities, cam = session.run(["probabilities", "cam"], {"image": images.numpy().astype(np.float32) / 255})
     reference = gradcam_autograd(classifier, images.float() / 255).numpy()
     diffs = {

@@ -18,27 +18,31 @@ DISPLAY_SIDE = 128  # the input, overlay and kernel pictures are shown this many
 
 
 class Explainer:
-    def __init__(self, folder: str | Path | None, classes: list[str], threads: int | None = None,
-                 graph: bytes | None = None, info: dict | None = None) -> None:
-        """From ``folder`` (explain.onnx + explain.json), or from the ``graph`` bytes and ``info``."""
-        if graph is None or info is None:
-            folder = Path(folder)
-            for name in (EXPLAIN_ONNX, EXPLAIN_JSON):
-                if not (folder / name).is_file():
-                    raise ModelError(f"Model folder {str(folder)!r} lacks {name}: run `make package` again.")
-            graph, info = (folder / EXPLAIN_ONNX).read_bytes(), json.loads((folder / EXPLAIN_JSON).read_text())
+    def __init__(self, classes: list[str], threads: int | None, graph: bytes, info: dict) -> None:
+        """From the explain graph's bytes and its ``explain.json`` (both travel with the model)."""
         self.info = info
         self.classes = list(classes)
         # Idle threads sleep: /explain is occasional, and spinning threads would take the CPU from /classify.
         self.session = ort_session(graph, threads, spinning=False)
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        # The names come with the model (explain.json "outputs", written at export), not from this file.
+        self.output_names = list(info.get("outputs") or [o.name for o in self.session.get_outputs()])
         weight = np.asarray(self.info["first_layer"]["weight"], np.float32)
         self.filters_png = pictures.png_base64(pictures.filter_grid(weight))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, classes: list[str], threads: int | None = None) -> "Explainer":
+        """From a model folder holding explain.onnx and explain.json."""
+        folder = Path(folder)
+        for name in (EXPLAIN_ONNX, EXPLAIN_JSON):
+            if not (folder / name).is_file():
+                raise ModelError(f"Model folder {str(folder)!r} lacks {name}: run `make package` again.")
+        return cls(classes, threads, (folder / EXPLAIN_ONNX).read_bytes(), json.loads((folder / EXPLAIN_JSON).read_text()))
 
     def run(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """One uint8 ``(3, H, W)`` image -> the graph's outputs by name, batch dimension dropped."""
         batch = image[None].astype(np.float32) / np.float32(255.0)
-        return {name: value[0] for name, value in zip(self.output_names, self.session.run(None, {"image": batch}))}
+        outputs = self.session.run(self.output_names, {self.session.get_inputs()[0].name: batch})
+        return {name: value[0] for name, value in zip(self.output_names, outputs)}
 
     def explain(self, image: np.ndarray, target: int) -> dict:
         """Pictures for one uint8 ``(3, H, W)`` image; Grad-CAM for class index ``target``."""

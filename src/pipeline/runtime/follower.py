@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.runtime.explainer import Explainer, LazyExplainer
-from pipeline.runtime.model_folder import (CHECKSUM_TAG, EXPLAIN_JSON, EXPLAIN_ONNX, METADATA_FILE, MODEL_FILES,
-                                           ONNX_FILE, REQUIRED_FILES, ModelError, check_answers, modified_files)
+from pipeline.runtime.loader import Served, load_served
+from pipeline.runtime.model_folder import CHECKSUM_TAG, MODEL_FILES, ModelError
 from pipeline.runtime.model_uri import parse_alias_uri
-from pipeline.runtime.onnx_model import OnnxClassifier
 
 log = logging.getLogger("bentoml.cifar4.follow")
 
@@ -92,19 +90,6 @@ class RegistryClient:
         return False
 
 
-@dataclass
-class Served:
-    """One model as the service uses it; swapped as a whole, never changed in place."""
-    model: OnnxClassifier
-    explainer: Optional[LazyExplainer]
-    info: dict[str, Any]
-
-    @property
-    def answer_info(self) -> dict[str, Any]:
-        return {"name": self.info.get("registered_model"), "version": self.info.get("model_version"),
-                "run_id": self.info.get("run_id")}
-
-
 def load_version(client: RegistryClient, name: str, found: dict[str, Any], scratch: Path, threads: int,
                  spinning: bool, classes: Optional[list[str]]) -> Served:
     """Download, check and load one registered version; raises Refused with the reason."""
@@ -121,29 +106,15 @@ def load_version(client: RegistryClient, name: str, found: dict[str, Any], scrat
         for file in MODEL_FILES:
             if file in recorded and not client.download(model_id, file, folder / file):
                 raise Refused(f"version {version} lacks {file}, which its run recorded.")
-        missing = [file for file in REQUIRED_FILES if file not in recorded]
-        if missing:
-            raise Refused(f"version {version} has no {missing[0]}.")
-        changed = [file for file in modified_files(folder, recorded) if (folder / file).is_file()]
-        if changed:
-            raise Refused(f"version {version}'s {changed[0]} does not match the checksum its run recorded.")
-        metadata = json.loads((folder / METADATA_FILE).read_text())
-        if classes is not None and list(metadata.get("classes", [])) != list(classes):
-            raise Refused(f"version {version} has classes {metadata.get('classes')}, the served model {classes}.")
-        model = OnnxClassifier(folder / ONNX_FILE, metadata, threads=threads, spinning=spinning)
         try:
-            check_answers(model)
+            served = load_served(folder, recorded, {"registered_model": name, "model_version": version,
+                                                    "run_id": run_id, "mlflow_model_id": model_id},
+                                 threads, spinning, classes)
         except ModelError as error:
-            raise Refused(f"version {version}: {error}") from None
-        explainer = None
-        if (folder / EXPLAIN_ONNX).is_file() and (folder / EXPLAIN_JSON).is_file():
-            graph, explain_info = (folder / EXPLAIN_ONNX).read_bytes(), json.loads((folder / EXPLAIN_JSON).read_text())
-            explainer = LazyExplainer(lambda: Explainer(None, model.classes, threads, graph, explain_info))
-        info = {**metadata, "registered_model": name, "model_version": version, "run_id": run_id,
-                "mlflow_model_id": model_id, "checksums": recorded}
+            raise Refused(f"version {version}: {error}.") from None
         # ONNX Runtime holds both graphs in memory now: the files go (in a container they sit in /dev/shm).
         shutil.rmtree(folder, ignore_errors=True)
-        return Served(model, explainer, info)
+        return served
     except Refused:
         shutil.rmtree(folder, ignore_errors=True)
         raise
