@@ -23,7 +23,7 @@ export BENTOML_HOME ?= $(CURDIR)/bentoml_home
 export BENTOML_DO_NOT_TRACK ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep evaluate predict download package serve mlflow-ui test test-fast bench clean wheels image docker-build docker-up docker-down
+.PHONY: help install config train sweep evaluate predict download package serve mlflow-ui test test-fast bench clean wheels image docker-build docker-up docker-down
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(BIN)/.installed ## create .venv and install the package with its dev tools
+
+config: install ## print FAMILY's resolved config (PROFILE=cpu|gpu): every key, its value and where it came from
+	$(BIN)/pipeline config $(FAMILY) --profile $(if $(filter gpu,$(PROFILE)),gpu,cpu) $(ARGS)
 
 train: install ## train the families (DATA=dir[,dir2] OUTLIERS=dir MODELS=lenet,vgg,resnet EPOCHS=n RESUME=1), register the champion
 	$(BIN)/pipeline train --profile $(PROFILE) $(if $(DATA),--data $(DATA)) $(if $(OUTLIERS),--outliers $(OUTLIERS)) $(if $(MODELS),--models $(MODELS)) \

@@ -299,7 +299,7 @@ def main() -> None:
     # (batches of the service's size, one ONNX Runtime thread per core).
     single = OnnxClassifier.from_dir(stored.path, threads=1)
     batch = np.repeat(decoded[None] if decoded.ndim == 3 else decoded, layout.model_batch, axis=0)
-    ms_per_image = median_ms(lambda: single.predict_proba(batch, batch_size=layout.model_batch), 15) / len(batch)
+    ms_per_image = median_ms(lambda: single.predict_proba(batch, chunk=layout.model_batch), 15) / len(batch)
     ceiling = (os.cpu_count() or 1) * 1000 / ms_per_image
     del single
 

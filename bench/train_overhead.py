@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from pipeline.config import resolve_config
 from pipeline.data import ImageFolderDataModule, augment_batch
-from pipeline.train import make_module
+from pipeline.module import LitClassifier
 
 
 def plain_loop(module, dm, steps: int) -> float:
@@ -36,7 +36,7 @@ def plain_loop(module, dm, steps: int) -> float:
     done, started = 0, time.perf_counter()
     while done < steps:
         for images, labels in batches:
-            images = augment_batch(images.float().div_(255.0), dm.crop_padding, dm.flip)
+            images = augment_batch(images.float().div_(255.0), dm.settings.crop_padding, dm.settings.flip)
             images = images.contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -45,7 +45,7 @@ def plain_loop(module, dm, steps: int) -> float:
             done += 1
             if done == steps:
                 break
-    return steps * dm.batch_size / (time.perf_counter() - started)
+    return steps * dm.settings.batch_size / (time.perf_counter() - started)
 
 
 class Timer(L.Callback):
@@ -68,7 +68,7 @@ def lightning_path(module, dm, steps: int, tmp: Path, with_logging: bool) -> flo
                         enable_progress_bar=with_logging, enable_model_summary=False,
                         enable_checkpointing=with_logging)
     trainer.fit(module, datamodule=dm)
-    return steps * dm.batch_size / timer.seconds
+    return steps * dm.settings.batch_size / timer.seconds
 
 
 def main() -> None:
@@ -80,16 +80,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
     config = resolve_config(args.model, "cpu", [f"data.batch_size={args.batch_size}"])
-    dm = ImageFolderDataModule(args.data, **config["data"])
+    dm = ImageFolderDataModule(args.data, config.data)
     dm.prepare()
     results: dict[str, list[float]] = {"plain PyTorch loop": [], "Lightning (bare)": [], "Lightning (make train)": []}
     with tempfile.TemporaryDirectory() as tmp:
-        plain_loop(make_module(config, dm), dm, 5)  # warm-up: allocator, kernels
+        plain_loop(LitClassifier.from_config(config, dm), dm, 5)  # warm-up: allocator, kernels
         for _ in range(args.rounds):
-            results["plain PyTorch loop"].append(plain_loop(make_module(config, dm), dm, args.steps))
-            results["Lightning (bare)"].append(lightning_path(make_module(config, dm), dm, args.steps, Path(tmp), False))
+            results["plain PyTorch loop"].append(plain_loop(LitClassifier.from_config(config, dm), dm, args.steps))
+            results["Lightning (bare)"].append(lightning_path(LitClassifier.from_config(config, dm), dm, args.steps, Path(tmp), False))
             results["Lightning (make train)"].append(
-                lightning_path(make_module(config, dm), dm, args.steps, Path(tmp), True))
+                lightning_path(LitClassifier.from_config(config, dm), dm, args.steps, Path(tmp), True))
     base = statistics.median(results["plain PyTorch loop"])
     table = Table(title=f"Training throughput, {args.model}, batch {args.batch_size}, {args.steps} steps x "
                         f"{args.rounds} rounds (median)")

@@ -37,15 +37,16 @@ def train_and_dump(args: argparse.Namespace) -> None:
     from pipeline.config import resolve_config
     from pipeline.data import load_image_folder
     from pipeline.module import split_head
-    from pipeline.train import auto_precision, make_datamodule, make_module
+    from pipeline.data import ImageFolderDataModule
+    from pipeline.hardware import auto_precision
+    from pipeline.module import LitClassifier
 
-    config = resolve_config(args.family, "cpu", list(args.set or []))
-    if args.seed is not None:
-        config["seed"] = args.seed
-    L.seed_everything(config.get("seed", 42), workers=True, verbose=False)
-    dm = make_datamodule(config, args.data)
-    module = make_module(config, dm)
-    trainer_args = dict(config["trainer"])
+    config = resolve_config(args.family, "cpu", list(args.set or []) + ([f"seed={args.seed}"] if args.seed is not None
+                                                                          else []))
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    dm = ImageFolderDataModule(args.data, config.data)
+    module = LitClassifier.from_config(config, dm)
+    trainer_args = config.trainer.arguments()
     trainer_args["precision"] = auto_precision("cpu")
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
                         enable_progress_bar=False, **trainer_args)

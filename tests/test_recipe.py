@@ -70,8 +70,8 @@ def test_optimizer_groups_use_airbench_units():
     assert others["lr"] * others["weight_decay"] == pytest.approx(biases["lr"] * biases["weight_decay"])
     assert others["lr"] == pytest.approx(11.5 / (1024 * (1 + 1 / 0.15)) * 512)
     assert all(p.requires_grad for g in groups for p in g["params"])
-    assert lr_factor(0, 100) == pytest.approx(0.2) and lr_factor(23, 100) == pytest.approx(1.0)
-    assert lr_factor(100, 100) == pytest.approx(0.07)
+    assert lr_factor(0, 100, 0.23, 0.2, 0.07) == pytest.approx(0.2) and lr_factor(23, 100, 0.23, 0.2, 0.07) == 1.0
+    assert lr_factor(100, 100, 0.23, 0.2, 0.07) == pytest.approx(0.07)
 
 
 def test_lookahead_pulls_the_net_to_its_average():
@@ -128,7 +128,7 @@ def test_global_batch_is_divided_over_ranks_and_capped(tmp_path):
     dm.prepare()
     dm.trainer = _FakeTrainer(1, 4)
     assert dm.rank_batch_size() == 4  # global 16 over 4 ranks
-    dm.batch_size = 512  # far more than the 32 training images: one batch of all of them, not zero batches
+    dm.settings.batch_size = 512  # far more than the 32 training images: one batch of all of them, not zero batches
     dm.trainer = _FakeTrainer(0, 1)
     assert dm.rank_batch_size() == 32 and len(dm.train_dataloader()) == 1
 
@@ -156,7 +156,7 @@ def test_validation_shards_are_not_padded_with_repeats():
 
 def test_resume_only_matches_the_same_config(toy_folder, isolated_project):
     from pipeline.config import resolve_config
-    from pipeline.train import config_digest
+    from pipeline.runs import config_digest
 
     cpu = resolve_config("resnet", "cpu")
     gpu = resolve_config("resnet", "gpu")
@@ -237,12 +237,13 @@ def test_the_whitening_bias_learns_for_its_epochs_then_stays_fixed(toy_folder, i
     import lightning as L
 
     from pipeline.config import resolve_config
-    from pipeline.train import make_datamodule, make_module
+    from pipeline.data import ImageFolderDataModule
+    from pipeline.module import LitClassifier
 
     config = resolve_config("resnet", "cpu", ["model.args.widths=[8,16,16]", "data.batch_size=32",
                                                "optim.whiten_bias_epochs=2", "trainer.max_epochs=4"])
-    dm = make_datamodule(config, str(toy_folder))
-    module = make_module(config, dm)
+    dm = ImageFolderDataModule(str(toy_folder), config.data)
+    module = LitClassifier.from_config(config, dm)
     seen = []
 
     class Watch(L.Callback):

@@ -78,7 +78,7 @@ def version_tags(run) -> dict[str, str]:
     }
 
 
-def promote_champion(client: MlflowClient, experiment_id: str, name: str, alias: str = "champion") -> ChampionDecision:
+def promote_champion(client: MlflowClient, experiment_id: str, name: str, alias: str) -> ChampionDecision:
     """Register the best run's model and move ``alias`` to it when it beats the current champion."""
     runs = candidate_runs(client, experiment_id)
     champion = current_champion(client, name, alias)
@@ -101,6 +101,14 @@ def promote_champion(client: MlflowClient, experiment_id: str, name: str, alias:
     client.set_registered_model_alias(name, alias, version.version)
     return ChampionDecision(best.info.run_id, best_acc, previous, version.version, True,
                             comparison_table(runs, best.info.run_id))
+
+
+def crown(tracking_uri: str, experiment_id: str, name: str, alias: str, console) -> ChampionDecision:
+    """The one champion step of ``train``, ``sweep`` and ``champion``: promote, then print the table and the decision."""
+    decision = promote_champion(MlflowClient(tracking_uri), experiment_id, name, alias)
+    console.print(decision.table)
+    console.print(decision.sentence(name, alias))
+    return decision
 
 
 def move_alias(client: MlflowClient, name: str, alias: str, version: str) -> str:

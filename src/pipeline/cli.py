@@ -39,7 +39,7 @@ def _train(args: argparse.Namespace) -> int:
     if data_dir is None:  # data.sources of the config, else the CIFAR-10 download
         from pipeline.config import resolve_config
 
-        configured = resolve_config(families[0], choose_profile(args.profile), overrides)["data"].get("sources") or []
+        configured = resolve_config(families[0], choose_profile(args.profile), overrides).data.sources
         data_dir = ",".join(f"{s['path']}:{s.get('weight', 1.0)}" if isinstance(s, dict) else str(s) for s in configured)
     if not data_dir:
         data_dir = str(DEFAULT_DATA)
@@ -60,10 +60,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
+def _config(args: argparse.Namespace) -> int:
+    from rich.table import Table
 
-    from pipeline.champion import promote_champion
+    from pipeline.config import describe, resolve_with_origins
+
+    config, origins = resolve_with_origins(args.family, args.profile, list(args.set or []))
+    table = Table(title=f"{args.family} on the {args.profile} profile: the config a run would get")
+    for column in ("key", "value", "from", "meaning"):
+        table.add_column(column, overflow="fold")
+    for key, value, where, meaning in describe(config, origins):
+        if not args.changed or where != "default":
+            table.add_row(key, json.dumps(value), where, meaning)
+    console.print(table)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pipeline.champion import crown
     from pipeline.config import resolve_config
     from pipeline.data import check_data_folders
     from pipeline.hardware import choose_profile
@@ -74,7 +88,7 @@ def _sweep(args: argparse.Namespace) -> int:
     check_data_folders(data_dir)
     profile = choose_profile(args.profile)
     base = resolve_config(args.family, profile, list(args.set or []))
-    experiment = args.experiment or base["tracking"]["experiment"]
+    experiment = args.experiment or base.tracking.experiment
     uri, experiment_id = setup_tracking(experiment)
     result = run_sweep(args.family, args.trials, profile, data_dir, experiment, experiment_id, uri,
                        list(args.set or []), epochs=args.epochs, study_name=args.study, console=console)
@@ -82,9 +96,8 @@ def _sweep(args: argparse.Namespace) -> int:
                   + (f"best trial {result.best_trial}, val acc {result.best_value:.4f}, run {result.best_run_id}, "
                      f"params {result.best_params}" if result.best_trial is not None else "no complete trial")
                   + f". Parent run {result.parent_run_id}.")
-    # The same rule as `make train`: the best finished run of the experiment becomes the champion.
-    name, alias = base["tracking"]["registered_model"], base["tracking"]["alias"]
-    console.print(promote_champion(MlflowClient(uri), experiment_id, name, alias).sentence(name, alias))
+    # The same step as `make train`: the best finished run of the experiment becomes the champion.
+    crown(uri, experiment_id, base.tracking.registered_model, base.tracking.alias, console)
     return 0
 
 
@@ -141,7 +154,7 @@ def _download(args: argparse.Namespace) -> int:
 def _champion(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.champion import promote_champion
+    from pipeline.champion import crown
     from pipeline.tracking import setup_tracking
 
     uri, experiment_id = setup_tracking(args.experiment)
@@ -150,9 +163,7 @@ def _champion(args: argparse.Namespace) -> int:
 
         console.print(move_alias(MlflowClient(uri), args.registered_model, args.alias, args.version))
         return 0
-    decision = promote_champion(MlflowClient(uri), experiment_id, args.registered_model, args.alias)
-    console.print(decision.table)
-    console.print(decision.sentence(args.registered_model, args.alias))
+    crown(uri, experiment_id, args.registered_model, args.alias, console)
     return 0
 
 
@@ -226,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment in configs)")
     train.add_argument("--registered-model", help="registry name (default: tracking.registered_model)")
     train.set_defaults(func=_train)
+
+    show = sub.add_parser("config", help="print a family's resolved config: every key, its value, where it came from")
+    show.add_argument("family", help="a model family (configs/model/<family>.yaml)")
+    show.add_argument("--profile", default="cpu", choices=["cpu", "gpu"], help="configs/profile/<name>.yaml")
+    show.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override, as for train (repeatable)")
+    show.add_argument("--changed", action="store_true", help="only the keys a file or --set sets")
+    show.set_defaults(func=_config)
 
     sweep = sub.add_parser("sweep", help="Optuna search over a family's hyperparameters, trials as nested MLflow runs")
     sweep.add_argument("--family", required=True, help="configs/model/<family>.yaml, with configs/sweep/<family>.yaml")

@@ -17,20 +17,21 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import numpy as np
 import torch
 from rich.progress import Progress
 
+from pipeline.config import DataSettings, check_section, choices
 from pipeline.errors import DataError
 from pipeline.runtime.imaging import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 
 CACHE_VERSION = 1
-BAD_IMAGE_MODES = ("error", "skip")
+BAD_IMAGE_MODES = choices(DataSettings, "on_bad_image")
 MAX_BAD_FRACTION = 0.01  # with on_bad_image=skip, more unreadable files than this still stop training
 
 
@@ -225,8 +226,8 @@ def _report_skipped(root: Path, skipped: list[str], total: int, errors: dict[str
           + (f" (first error: {next(iter(errors.values()))})" if errors else ""))
 
 
-def load_image_folder(root: str | Path, size: int = 32, cache_dir: str | Path | None = None,
-                      on_bad_image: str = "error") -> ImageSet:
+def load_image_folder(root: str | Path, size: int = DataSettings.image_size, cache_dir: str | Path | None = None,
+                      on_bad_image: str = DataSettings.on_bad_image) -> ImageSet:
     """Decode every image of an ImageFolder-shaped directory, using the cache when it matches.
 
     ``on_bad_image="error"`` stops at the first file that does not decode, naming it; ``"skip"``
@@ -254,8 +255,8 @@ def outlier_group(relative: Path, by_folder: bool = True) -> str:
     return match.group(1) if match and match.group(1) else relative.stem
 
 
-def load_outlier_folder(root: str | Path, size: int = 32, cache_dir: str | Path | None = None,
-                        on_bad_image: str = "error") -> ImageSet:
+def load_outlier_folder(root: str | Path, size: int = DataSettings.image_size, cache_dir: str | Path | None = None,
+                        on_bad_image: str = DataSettings.on_bad_image) -> ImageSet:
     """Decode every image under an unlabelled folder of out-of-scope images (any depth, or ``images/``).
 
     ``labels`` index ``classes``, the outlier classes found by :func:`outlier_group`: they are what the
@@ -305,7 +306,7 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return flat.mean(1).tolist(), flat.std(1).tolist()
 
 
-FLIP_MODES = (True, False, "alternate")
+FLIP_MODES = choices(DataSettings, "flip")
 
 
 def cutout_batch(images: torch.Tensor, size: int, fill: torch.Tensor,
@@ -321,7 +322,8 @@ def cutout_batch(images: torch.Tensor, size: int, fill: torch.Tensor,
     return torch.where(inside[:, None], fill.view(1, -1, 1, 1).to(images.dtype), images)
 
 
-def augment_batch(images: torch.Tensor, padding: int = 4, flip: bool = True, pad_mode: str = "constant",
+def augment_batch(images: torch.Tensor, padding: int = DataSettings.crop_padding, flip: bool = DataSettings.flip,
+                  pad_mode: str = DataSettings.pad_mode,
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Random crop (zero or reflect padding) and random horizontal flip for a whole (N, C, H, W) batch."""
     n, _, h, w = images.shape
@@ -402,7 +404,7 @@ class TensorBatches:
         labels: torch.Tensor,
         batch_size: int,
         shuffle: bool,
-        seed: int = 0,
+        seed: int = DataSettings.seed,
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
@@ -494,57 +496,14 @@ class ImageFolderDataModule(L.LightningDataModule):
     ``batch_size`` is the global batch: each DDP rank takes ``batch_size / world_size``.
     """
 
-    def __init__(
-        self,
-        data_dir: str = "",
-        image_size: int = 32,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        batch_size: int = 128,
-        eval_batch_size: int = 512,
-        seed: int = 42,
-        test_seed: Optional[int] = None,
-        crop_padding: int = 4,
-        pad_mode: str = "constant",
-        flip: bool | str = True,
-        cutout: int = 0,
-        zoom: float = 0.0,
-        color_jitter: float = 0.0,
-        on_bad_image: str = "error",
-        cache_dir: str | None = None,
-        sources: Optional[list] = None,
-        outliers: Optional[list] = None,
-        outlier_share: float = 0.25,
-        outlier_holdout: float = 0.2,
-    ) -> None:
+    def __init__(self, data_dir: str = "", settings: Optional[DataSettings] = None, **keys: Any) -> None:
+        """``settings`` is the run's ``data:`` section; ``keys`` replace some of its keys (tests, benches)."""
         super().__init__()
-        if flip not in FLIP_MODES:
-            raise ValueError(f"data.flip must be true, false or 'alternate', got {flip!r}")
-        if pad_mode not in ("constant", "reflect"):
-            raise ValueError(f"data.pad_mode must be 'constant' or 'reflect', got {pad_mode!r}")
-        if on_bad_image not in BAD_IMAGE_MODES:
-            raise ValueError(f"data.on_bad_image must be error or skip, got {on_bad_image!r}")
-        if not 0.0 <= test_fraction < 1.0:
-            raise ValueError(f"data.test_fraction must be in [0, 1), got {test_fraction}")
-        if not 0.0 < outlier_holdout < 1.0:
-            raise ValueError(f"data.outlier_holdout must be in (0, 1), got {outlier_holdout}")
-        if not 0.0 <= outlier_share <= 4.0:
-            raise ValueError(f"data.outlier_share (outliers per step, as a share of the batch) must be in [0, 4], "
-                             f"got {outlier_share}")
-        self.data_dir = data_dir or ",".join(str(s["path"] if isinstance(s, dict) else s) for s in (sources or []))
-        self.sources = parse_sources(data_dir if data_dir else (sources or []))
-        self.outlier_dirs = [str(o) for o in (outliers or [])]
-        self.outlier_share, self.outlier_holdout = float(outlier_share), float(outlier_holdout)
-        self.image_size, self.val_fraction, self.test_fraction, self.seed = image_size, val_fraction, test_fraction, seed
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.test_seed = seed + 1 if test_seed is None else int(test_seed)
-        if not 0.0 <= zoom < 1.0:
-            raise ValueError(f"data.zoom is the smallest crop area kept (0: off, e.g. 0.5), in [0, 1), got {zoom}")
-        if not 0.0 <= color_jitter < 1.0:
-            raise ValueError(f"data.color_jitter must be in [0, 1) (0: off), got {color_jitter}")
-        self.crop_padding, self.pad_mode, self.flip, self.cutout = crop_padding, pad_mode, flip, cutout
-        self.zoom, self.color_jitter = zoom, color_jitter
-        self.cache_dir, self.on_bad_image = cache_dir, on_bad_image
+        self.settings = check_section(replace(settings or DataSettings(), **keys), "data")
+        s = self.settings
+        self.data_dir = data_dir or ",".join(str(x["path"] if isinstance(x, dict) else x) for x in s.sources)
+        self.sources = parse_sources(data_dir if data_dir else s.sources)
+        self.outlier_dirs = [str(o) for o in s.outliers]
         self.skipped: list[str] = []
         self.augment_generator: Optional[torch.Generator] = None
         self._prepared = False
@@ -582,14 +541,14 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _split_source(self, index: int, source: Source) -> dict:
         """One source's train/val/test images, labels and source ids."""
         train_dir, test_dir = resolve_data_dir(source.path)
-        full = load_image_folder(train_dir, self.image_size, self.cache_dir, self.on_bad_image)
+        full = load_image_folder(train_dir, self.settings.image_size, self.settings.cache_dir, self.settings.on_bad_image)
         self.skipped += [f"{source.name}/{name}" if len(self.sources) > 1 else name for name in full.skipped]
         if self.classes is None:
             self.classes = full.classes
         elif full.classes != self.classes:
             raise DataError(f"Data folder {str(train_dir)!r} has classes {full.classes}, but "
                             f"{self.sources[0].path!r} has {self.classes}: every source needs the same class folders.")
-        hold_test = test_dir is None and self.test_fraction > 0
+        hold_test = test_dir is None and self.settings.test_fraction > 0
         needed = 3 if hold_test else 2
         counts = torch.bincount(full.labels, minlength=len(full.classes))
         for name, count in zip(full.classes, counts.tolist()):
@@ -607,13 +566,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         if hold_test:
             # The test split is drawn first, with its own seed, so val_fraction never moves it, and a new
             # test_seed draws a fresh test split without touching anything else of the config.
-            pool, test_idx = split_indices(full.labels, self.test_fraction, self.test_seed)
+            pool, test_idx = split_indices(full.labels, self.settings.test_fraction, self.settings.test_seed)
             out["test"] = tagged(full.images[test_idx], full.labels[test_idx])
-        train_rel, val_rel = split_indices(full.labels[pool], self.val_fraction, self.seed)
+        train_rel, val_rel = split_indices(full.labels[pool], self.settings.val_fraction, self.settings.seed)
         out["train"] = tagged(full.images[pool[train_rel]], full.labels[pool[train_rel]])
         out["val"] = tagged(full.images[pool[val_rel]], full.labels[pool[val_rel]])
         if test_dir is not None:
-            test = load_image_folder(test_dir, self.image_size, self.cache_dir, self.on_bad_image)
+            test = load_image_folder(test_dir, self.settings.image_size, self.settings.cache_dir, self.settings.on_bad_image)
             self.skipped += [f"test/{name}" for name in test.skipped]
             if test.classes != self.classes:
                 raise DataError(
@@ -633,7 +592,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             return []
         images, groups, fingerprints = [], [], []
         for folder in self.outlier_dirs:
-            found = load_outlier_folder(folder, self.image_size, self.cache_dir, self.on_bad_image)
+            found = load_outlier_folder(folder, self.settings.image_size, self.settings.cache_dir, self.settings.on_bad_image)
             prefix = f"{Path(folder).name}/" if len(self.outlier_dirs) > 1 else ""
             groups.append(found.labels + len(self.outlier_classes))
             self.outlier_classes += [prefix + name for name in found.classes]
@@ -643,15 +602,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         images, groups = torch.cat(images), torch.cat(groups)
         self.outlier_fingerprint = hashlib.sha256("|".join(fingerprints).encode()).hexdigest()[:16]
         if len(self.outlier_classes) >= 3:
-            val_classes, test_classes = hold_out_classes(len(self.outlier_classes), self.outlier_holdout,
-                                                         self.seed, self.test_seed)
+            val_classes, test_classes = hold_out_classes(len(self.outlier_classes), self.settings.outlier_holdout,
+                                                         self.settings.seed, self.settings.test_seed)
             val = torch.isin(groups, torch.tensor(sorted(val_classes)))
             test = torch.isin(groups, torch.tensor(sorted(test_classes)))
         else:  # one or two classes (file names without a class): held out by image, and said so
             print(f"note: the outliers in {', '.join(self.outlier_dirs)} show {len(self.outlier_classes)} class(es), "
                   "so their validation and test outliers are held out by image, not by class")
-            order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(self.test_seed))
-            n = max(1, int(round(self.outlier_holdout / 2 * len(groups))))
+            order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(self.settings.test_seed))
+            n = max(1, int(round(self.settings.outlier_holdout / 2 * len(groups))))
             val, test = torch.zeros(len(groups), dtype=torch.bool), torch.zeros(len(groups), dtype=torch.bool)
             test[order[:n]], val[order[n : 2 * n]] = True, True
         self.outlier_train_groups = groups[~(val | test)]
@@ -659,7 +618,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if len(self.outlier_train) == 0 or len(self.outlier_val) == 0 or len(self.outlier_test) == 0:
             raise DataError(f"Outlier folder(s) {', '.join(self.outlier_dirs)} hold {len(groups)} image(s): too few "
                             "for training, validation and test outliers.")
-        return [f"outliers:{f}:{self.outlier_share}:{self.outlier_holdout}" for f in fingerprints]
+        return [f"outliers:{f}:{self.settings.outlier_share}:{self.settings.outlier_holdout}" for f in fingerprints]
 
     def summary(self) -> dict:
         self.prepare()
@@ -672,7 +631,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             "val_size": len(self.val_labels),
             "test_size": 0 if self.test_labels is None else len(self.test_labels),
             "test_source": "none" if self.test_labels is None else ("test/ folder" if all(self.test_from_folder)
-                                                                    else f"{self.test_fraction:.0%} held out"),
+                                                                    else f"{self.settings.test_fraction:.0%} held out"),
             "mean": self.mean,
             "std": self.std,
             "skipped_images": len(self.skipped),
@@ -702,10 +661,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         """This rank's share of the global batch, capped so that the smallest data set still has one batch."""
         rank, world = self._rank()
         per_rank_images = len(self.train_labels) // world
-        size = max(1, min(self.batch_size // world, per_rank_images))
-        if size * world != self.batch_size and rank == 0 and not getattr(self, "_warned_batch", False):
+        size = max(1, min(self.settings.batch_size // world, per_rank_images))
+        if size * world != self.settings.batch_size and rank == 0 and not getattr(self, "_warned_batch", False):
             self._warned_batch = True
-            print(f"note: global batch {self.batch_size} over {world} rank(s) with {len(self.train_labels):,} "
+            print(f"note: global batch {self.settings.batch_size} over {world} rank(s) with {len(self.train_labels):,} "
                   f"training images: {size} per rank ({size * world} in all)")
         return size
 
@@ -714,7 +673,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         rank, _ = self._rank()
         # Each rank draws its own crops and flips (the same seed everywhere would repeat them).
-        self.augment_generator = torch.Generator(device=device).manual_seed(self.seed * 1000 + rank)
+        self.augment_generator = torch.Generator(device=device).manual_seed(self.settings.seed * 1000 + rank)
         if device.type == "cuda":
             # Device-resident data: 18k CIFAR images are 55 MB, batches never cross PCIe.
             for name in ("train_images", "train_labels", "val_images", "val_labels", "test_images", "test_labels",
@@ -730,40 +689,40 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> TensorBatches:
         rank, world = self._rank()
-        flip_mask = alternating_flip_mask(len(self.train_labels), self.seed) if self.flip == "alternate" else None
+        flip_mask = alternating_flip_mask(len(self.train_labels), self.settings.seed) if self.settings.flip == "alternate" else None
         batches = TensorBatches(
             self.train_images, self.train_labels, self.rank_batch_size(), shuffle=True,
-            seed=self.seed, drop_last=True, rank=rank, world_size=world, flip_mask=flip_mask,
+            seed=self.settings.seed, drop_last=True, rank=rank, world_size=world, flip_mask=flip_mask,
             source_ids=self.train_source, source_weights=[source.weight for source in self.sources],
         )
         # A resumed run continues the shuffle order where the interrupted one was.
         batches.epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        if self.outlier_train is not None and self.outlier_share > 0:
-            per_batch = max(1, int(round(self.outlier_share * batches.batch_size)))
-            return OutlierBatches(batches, self.outlier_train, per_batch, self.seed, rank)
+        if self.outlier_train is not None and self.settings.outlier_share > 0:
+            per_batch = max(1, int(round(self.settings.outlier_share * batches.batch_size)))
+            return OutlierBatches(batches, self.outlier_train, per_batch, self.settings.seed, rank)
         return batches
 
     def val_dataloader(self) -> TensorBatches:
         rank, world = self._rank()
-        return TensorBatches(self.val_images, self.val_labels, self.eval_batch_size, False, rank=rank, world_size=world)
+        return TensorBatches(self.val_images, self.val_labels, self.settings.eval_batch_size, False, rank=rank, world_size=world)
 
     def test_dataloader(self) -> TensorBatches:
         if self.test_images is None:
             raise DataError(f"Data folder {str(self.data_dir)!r} has no test/ split.")
         rank, world = self._rank()
-        return TensorBatches(self.test_images, self.test_labels, self.eval_batch_size, False, rank=rank, world_size=world)
+        return TensorBatches(self.test_images, self.test_labels, self.settings.eval_batch_size, False, rank=rank, world_size=world)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         images = images.float().div_(255.0)
         if self.trainer is not None and self.trainer.training:
-            if self.zoom:
-                images = zoom_batch(images, self.zoom, generator=self.augment_generator)
-            images = augment_batch(images, self.crop_padding, self.flip is True, self.pad_mode, self.augment_generator)
-            if self.color_jitter:
-                images = color_jitter_batch(images, self.color_jitter, self.augment_generator)
-            if self.cutout:
+            if self.settings.zoom:
+                images = zoom_batch(images, self.settings.zoom, generator=self.augment_generator)
+            images = augment_batch(images, self.settings.crop_padding, self.settings.flip is True, self.settings.pad_mode, self.augment_generator)
+            if self.settings.color_jitter:
+                images = color_jitter_batch(images, self.settings.color_jitter, self.augment_generator)
+            if self.settings.cutout:
                 fill = torch.tensor(self.mean, device=images.device)
-                images = cutout_batch(images, self.cutout, fill, self.augment_generator)
+                images = cutout_batch(images, self.settings.cutout, fill, self.augment_generator)
         return images.contiguous(memory_format=torch.channels_last), labels
 

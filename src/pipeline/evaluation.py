@@ -60,9 +60,10 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
 
 
-def fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, keep: float = 0.95) -> float:
-    """Share of out-of-scope images still answered when the threshold keeps ``keep`` of the in-scope ones."""
-    threshold = np.quantile(in_scores, keep)
+def fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """Share of out-of-scope images still answered when the threshold keeps ``tpr`` of the in-scope ones
+    (FPR@95, the literature's figure: fixed, whatever ``out_of_scope.keep`` the deployed threshold uses)."""
+    threshold = np.quantile(in_scores, tpr)
     return float((out_scores <= threshold).mean())
 
 
@@ -105,6 +106,30 @@ def folder_metrics(folder: EvalFolder, probabilities: np.ndarray, flagged: np.nd
     """``eval/<name>/...`` metrics: accuracy (overall, class-balanced, per class) and calibration for a
     labelled folder; for every folder, the share of answers flagged out of scope."""
     return labelled_metrics(f"eval/{folder.name}/", probabilities, folder.labels, flagged, classes)
+
+
+def score_folders(folders: dict[str, str], classes: list[str], image_size: int, answer, threshold: float,
+                  in_scope: dict[str, np.ndarray]) -> dict[str, float]:
+    """``evaluation.folders`` after training: each folder's :func:`folder_metrics`, and for each out-of-scope
+    folder the AUROC and FPR@95 of its scope scores against every in-scope set (``in_scope``: split name ->
+    scores, e.g. the test split; each labelled folder joins them). ``answer(images)`` gives a batch of uint8
+    images' (calibrated probabilities, scope scores), so every folder goes through the network once."""
+    metrics: dict[str, float] = {}
+    inside = dict(in_scope)
+    unlabelled = []
+    for name, path in folders.items():
+        folder = load_eval_folder(name, path, classes, image_size)
+        probabilities, scores = answer(folder.images)
+        metrics.update(folder_metrics(folder, probabilities, scores > threshold, classes))
+        if folder.labelled:
+            inside[name] = scores
+        else:
+            unlabelled.append((folder, scores))
+    for folder, scores in unlabelled:
+        for name, in_scores in inside.items():
+            metrics[f"eval/{folder.name}/auroc_vs_{name}"] = auroc(in_scores, scores)
+            metrics[f"eval/{folder.name}/fpr_at_95_vs_{name}"] = fpr_at_tpr(in_scores, scores)
+    return metrics
 
 
 def labelled_metrics(prefix: str, probabilities: np.ndarray, labels: np.ndarray | None, flagged: np.ndarray | None,

@@ -42,7 +42,7 @@ def export_onnx(deployed: nn.Module, image_size: int, path: Path) -> Path:
 
 
 def torch_outputs(deployed: nn.Module, images_uint8: torch.Tensor,
-                  batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
+                  chunk: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
     """What model.onnx gives for uint8 images, computed by torch: probabilities and out-of-scope scores
     (None without a scorer)."""
     if not isinstance(deployed, Deployed):
@@ -50,18 +50,14 @@ def torch_outputs(deployed: nn.Module, images_uint8: torch.Tensor,
     deployed = deployed.eval().cpu().float()
     probabilities, scores = [], []
     with torch.inference_mode():
-        for start in range(0, len(images_uint8), batch_size):
-            out = deployed(images_uint8[start : start + batch_size].float().div(255.0))
+        for start in range(0, len(images_uint8), chunk):
+            out = deployed(images_uint8[start : start + chunk].float().div(255.0))
             probabilities.append((out[0] if isinstance(out, tuple) else out).numpy())
             if isinstance(out, tuple):
                 scores.append(out[1].numpy())
     if not probabilities:
         return np.zeros((0, 0), np.float32), None
     return np.concatenate(probabilities), np.concatenate(scores) if scores else None
-
-
-def torch_probabilities(classifier: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    return torch_outputs(classifier, images_uint8, batch_size)[0]
 
 
 def log_classifier(

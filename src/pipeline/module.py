@@ -15,6 +15,7 @@ validation and test accuracy and ``/classify`` all compute the same thing.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -23,8 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from pipeline.config import OptimSettings
-from pipeline.models import build_model
+from pipeline.config import Config, ModelSettings, OptimSettings, check_section
+from pipeline.models import build_model, load_family_module
 from pipeline.recipe import Lookahead, MuonSGD, lr_factor, optimizer_groups, tta_logits, tta_views
 
 class Classifier(nn.Module):
@@ -36,7 +37,7 @@ class Classifier(nn.Module):
     model's metadata, not in the state_dict.
     """
 
-    def __init__(self, net: nn.Module, mean: list[float], std: list[float], tta: int = 0,
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], tta: int = ModelSettings.tta,
                  temperature: float = 1.0) -> None:
         super().__init__()
         self.net = net
@@ -94,8 +95,6 @@ def outlier_loss(outlier_logits: torch.Tensor, kind: str, inside_logits: torch.T
 def split_head(net: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(everything up to the penultimate features, the rest): the net's named stages and head
     (``explain_stages`` / ``explain_head``) cut before the head's last linear layer."""
-    if not hasattr(net, "explain_stages"):
-        raise ValueError(f"{type(net).__name__} does not name its stages (explain_stages/explain_head).")
     head = list(net.explain_head())
     linear = [i for i, layer in enumerate(head) if isinstance(layer, nn.Linear)]
     if not linear:
@@ -108,9 +107,11 @@ class LitClassifier(L.LightningModule):
     """The training side of a :class:`Classifier`: loss, metrics, lookahead and the optimiser (``optim:``)."""
 
     def __init__(self, arch: str, model_args: dict[str, Any], classes: list[str], mean: list[float], std: list[float],
-                 tta: int = 0, optim: dict[str, Any] | None = None) -> None:
+                 tta: int, optim: OptimSettings | dict[str, Any]) -> None:
         super().__init__()
-        self.optim = OptimSettings(**(optim or {}))
+        if isinstance(optim, OptimSettings):
+            optim = asdict(optim)  # the checkpoint's hyperparameters stay plain data (weights_only loading)
+        self.optim = check_section(OptimSettings(**optim), "optim")
         self.save_hyperparameters()
         self.classes = list(classes)
         num_classes = len(self.classes)
@@ -124,6 +125,21 @@ class LitClassifier(L.LightningModule):
         self.val_confusion = MulticlassConfusionMatrix(num_classes, **metric)
         self.confusion: dict[str, torch.Tensor] = {}
         self.lookahead: Lookahead | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, dm) -> "LitClassifier":
+        """The module of a run: its family's network for the data module's classes and statistics."""
+        dm.prepare()
+        load_family_module(config.model.module)
+        return cls(config.model.arch, config.model.args, dm.classes, dm.mean, dm.std, config.model.tta, config.optim)
+
+    def setup(self, stage: str) -> None:
+        whiten = getattr(self.model.net, "whiten", None)
+        if stage == "fit" and whiten is not None:
+            # Patch-whitening filters from the training split (5,000 images are plenty; the same on every rank).
+            # A resumed run then loads its own filters from the checkpoint over these.
+            sample = self.trainer.datamodule.train_images[:5000].float().div(255.0)
+            whiten.init_from((sample - self.model.mean.cpu()) / self.model.std.cpu())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -144,7 +160,7 @@ class LitClassifier(L.LightningModule):
 
     def _eval_step(self, batch, stage: str) -> None:
         images, labels = batch
-        # Per-epoch validation without TTA (6x cheaper); the final scores in finish_run use the exported TTA.
+        # Per-epoch validation without TTA (6x cheaper); publish scores the final model with its TTA.
         logits = self.model.logits(images, 0)
         loss = F.cross_entropy(logits, labels)
         getattr(self, f"{stage}_acc").update(logits, labels)

@@ -26,7 +26,6 @@ from pipeline.runtime.model_folder import (EXPLAIN_JSON, EXPLAIN_ONNX, METADATA_
 from pipeline.runtime.model_uri import parse_model_uri
 from pipeline.runtime.onnx_model import OnnxClassifier
 
-TOLERANCE = 1e-5
 
 
 @dataclass

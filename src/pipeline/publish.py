@@ -1,8 +1,8 @@
 """Publish a finished run: score it, make its answers trustworthy, log plots, the model and its checksums.
 
 After the fit, rank 0 loads the chosen checkpoint (``checkpoint.select``), fits the temperature and
-the out-of-scope score (:mod:`pipeline.trust`), scores the validation and test splits with the
-deployed graph, logs the plots and the MLflow Model (``model.onnx`` + ``classifier.json`` + the
+the out-of-scope score (:mod:`pipeline.trust`, one pass of each split through the net), scores those
+answers (the deployed graph's numbers), logs the plots and the MLflow Model (``model.onnx`` + ``classifier.json`` + the
 explain graph, :mod:`pipeline.export`), and records the sha256 of every model file as run tags, which
 the service's registry follower checks its downloads against.
 """
@@ -18,11 +18,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import Config
 from pipeline.console import console
 from pipeline.data import ImageFolderDataModule
 from pipeline.evaluation import score
 from pipeline.explain_graph import save_pictures
-from pipeline.export import log_classifier, torch_outputs
+from pipeline.export import log_classifier
 from pipeline.module import LitClassifier
 from pipeline.plots import plot_confusion_matrix, plot_learning_curves, plot_mistakes
 from pipeline.runs import RunResult, metric_history
@@ -36,35 +37,35 @@ def source_mean(probabilities, dm: ImageFolderDataModule) -> float:
     return float(sum(hits[ids == i].mean() for i in set(ids.tolist())) / len(set(ids.tolist())))
 
 
-def publish_run(config: dict, dm: ImageFolderDataModule, checkpoint: ModelCheckpoint,
+def publish_run(config: Config, dm: ImageFolderDataModule, checkpoint: ModelCheckpoint,
                logger: MLFlowLogger, client: MlflowClient) -> RunResult:
     """Score the chosen checkpoint, calibrate it, log plots, the MLflow Model and its checksums."""
-    family, run_id = config["family"], logger.run_id
+    family, run_id = config.family, logger.run_id
     # "last" (the default): the final weights, the lookahead average at the end of the decayed schedule.
     # Picking the best of many noisy epochs by validation accuracy flatters that accuracy (measured:
     # LeNet's val acc 2 points over its test acc that way); "best" is there for schedules that need it.
-    select = (config.get("checkpoint") or {}).get("select", "last")
+    select = config.checkpoint.select
     chosen = checkpoint.best_model_path
     if select == "last" and (checkpoint.dirpath and (Path(checkpoint.dirpath) / "last.ckpt").is_file()):
         chosen = str(Path(checkpoint.dirpath) / "last.ckpt")
     best = LitClassifier.load_from_checkpoint(chosen, map_location="cpu", weights_only=True)
     classifier = best.model.eval().float()
-    deployed, trust = make_trustworthy(config, classifier, dm)
-    val_probs, _ = torch_outputs(deployed, dm.val_images.cpu())
+    deployed, trust = make_trustworthy(config, classifier, dm)  # runs each split through the net once
+    val_probs = trust.answers["val"][0]
     scores = score(val_probs, dm.val_labels.cpu().numpy(), dm.classes)
     tta = f", TTA level {classifier.tta}" if classifier.tta else ""
     console.print(scores.table(f"{family}: {select} checkpoint{tta}, validation accuracy {scores.accuracy:.4f}"))
     test_scores = None
     if dm.test_images is not None:
-        test_probs, _ = torch_outputs(deployed, dm.test_images.cpu())
+        test_probs = trust.answers["test"][0]
         test_scores = score(test_probs, dm.test_labels.cpu().numpy(), dm.classes)
         console.print(test_scores.table(f"{family}: test split ({len(dm.test_labels):,} images never used for "
                                         f"training or selection){tta}, accuracy {test_scores.accuracy:.4f}"))
     console.print(trust.table(family))
     metadata: dict[str, Any] = {
-        "classes": dm.classes, "image_size": int(config["data"]["image_size"]),
-        "mean": dm.mean, "std": dm.std, "arch": config["model"]["arch"],
-        "model_args": config["model"].get("args") or {}, "model_module": config["model"].get("module", ""),
+        "classes": dm.classes, "image_size": config.data.image_size,
+        "mean": dm.mean, "std": dm.std, "arch": config.model.arch,
+        "model_args": config.model.args, "model_module": config.model.module,
         "family": family,
         "run_id": run_id, "val_acc": scores.accuracy, "tta": classifier.tta,
         "test_acc": None if test_scores is None else test_scores.accuracy,

@@ -48,7 +48,7 @@ def optimizer_groups(model: nn.Module, lr: float, weight_decay: float, momentum:
     return groups
 
 
-def lr_factor(step: int, total: int, warmup_fraction: float = 0.23, start: float = 0.2, end: float = 0.07) -> float:
+def lr_factor(step: int, total: int, warmup_fraction: float, start: float, end: float) -> float:
     """Multiplier of the learning rate at ``step`` of ``total``: start -> 1 (warm-up) -> end."""
     warmup = max(1, int(total * warmup_fraction))
     if step < warmup:

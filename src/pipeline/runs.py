@@ -1,5 +1,7 @@
 """A training run's bookkeeping in MLflow: which run to resume, what it records before and after the fit.
 
+:class:`RunBookkeeping` is the Lightning callback that does all of it around ``trainer.fit``:
+
 - resume: a run is resumed when its family, config digest (the resolved config plus the data's
   fingerprint) and ``last.ckpt`` match;
 - before the fit: params (the flattened config), tags (family, git commit, data, checkpoint folder),
@@ -19,14 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import lightning as L
+import torch
 import yaml
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import flatten
-from pipeline.tracking import git_commit
+from pipeline.config import Config, flatten
+from pipeline.console import console
+from pipeline.tracking import git_commit, project_dir
 
 CURVE_METRICS = ("train/loss", "val/loss", "train/acc", "val/acc")
 
@@ -41,9 +48,9 @@ class RunResult:
     pruned: bool = False  # a sweep's pruner stopped it early: no model, not a champion candidate
 
 
-def config_digest(config: dict, fingerprint: str) -> str:
+def config_digest(config: Config, fingerprint: str) -> str:
     """What a checkpoint must match to be resumed: the resolved config and the data."""
-    text = json.dumps({k: v for k, v in config.items() if k != "tracking"}, sort_keys=True, default=str)
+    text = json.dumps({k: v for k, v in config.to_dict().items() if k != "tracking"}, sort_keys=True, default=str)
     return hashlib.sha256(f"{text}\n{fingerprint}".encode()).hexdigest()[:16]
 
 
@@ -72,7 +79,93 @@ def metric_history(client: MlflowClient, run_id: str) -> dict[str, list[float]]:
     return history
 
 
-def log_run_start(logger: Any, config: dict, data_dir: str, dm: Any, tags: dict[str, str],
+class RunBookkeeping(L.Callback):
+    """One run's MLflow bookkeeping, as a callback around the fit.
+
+    Built before the Trainer: it finds the run to resume (``resume``: same family, config digest and a
+    ``last.ckpt``) or creates a sweep's nested run, and makes the run's logger and checkpoint folder.
+    At the fit's start (rank 0) it prints the run's line, logs params, tags, dataset inputs and
+    ``config.yaml`` (a new run only) and starts the system metrics; at the end it stops them and logs
+    the fit facts (time per epoch, peak GPU memory, precision, device).
+    """
+
+    def __init__(self, config: Config, data_dir: str, dm: Any, experiment: str, tracking_uri: str,
+                 resume: bool = False, parent_run_id: Optional[str] = None, run_name: Optional[str] = None,
+                 tags: Optional[dict[str, str]] = None) -> None:
+        self.config, self.data_dir, self.dm, self.tracking_uri = config, data_dir, dm, tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        family = config.family
+        self.digest = config_digest(config, dm.fingerprint)
+        run_id, self.ckpt_path = None, None
+        if resume:  # every DDP rank looks it up, so all of them load the same checkpoint
+            found = find_resumable_run(self.client, experiment_id, family, self.digest)
+            if found:
+                run_id, self.ckpt_path = found
+                if rank_zero_only.rank == 0:
+                    console.print(f"[bold]Resuming[/] {family} run {run_id} from {self.ckpt_path}")
+            elif rank_zero_only.rank == 0:
+                console.print(f"No unfinished {family} run with this config and data to resume: starting a new one.")
+        self.resumed = run_id is not None
+        if parent_run_id and not self.resumed:
+            run_id = self.client.create_run(experiment_id, run_name=run_name or family,
+                                            tags={"mlflow.parentRunId": parent_run_id}).info.run_id
+        self.logger = MLFlowLogger(experiment_name=experiment, tracking_uri=tracking_uri, run_name=run_name or family,
+                                   run_id=run_id, log_model=False)
+        self.checkpoint_dir = project_dir() / "checkpoints" / experiment / (self.logger.run_id or "rank")
+        self.tags = {"family": family, "config_digest": self.digest, "checkpoint_dir": str(self.checkpoint_dir),
+                     **(tags or {})}
+        self.first_epoch = 0 if not self.ckpt_path else \
+            torch.load(self.ckpt_path, map_location="cpu", weights_only=True)["epoch"] + 1
+        self.monitor: Optional[SystemMetrics] = None
+        self.started = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from pipeline.hardware import cpu_precision_note
+        from pipeline.models import count_parameters
+
+        config, summary = self.config, self.dm.summary()
+        n_params = count_parameters(pl_module.model.net)
+        self.note = cpu_precision_note() if config.trainer.precision == "auto" else ""
+        console.print(f"[bold]{config.family}[/]: {config.model.arch} {config.model.args}, "
+                      f"{n_params:,} parameters, {summary['train_size']:,} train / "
+                      f"{summary['val_size']:,} val images, precision {trainer.precision}{self.note}")
+        if not self.resumed:
+            log_run_start(self.logger, config, self.data_dir, self.dm, self.tags, n_params)
+        self.monitor = SystemMetrics(self.logger.run_id, self.tracking_uri,
+                                     config.tracking.system_metrics_interval_s, self.resumed)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.started = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.monitor is None:
+            return
+        fit_seconds = time.perf_counter() - self.started
+        self.monitor.finish()
+        facts = {"fit_seconds": fit_seconds,
+                 "seconds_per_epoch": fit_seconds / max(1, trainer.current_epoch - self.first_epoch)}
+        tags = {"precision": str(trainer.precision)}
+        if self.note:
+            from pipeline.hardware import cpu_bf16_speedup
+
+            facts["cpu_bf16_speedup"] = cpu_bf16_speedup()
+        if torch.cuda.is_available():
+            tags["device"] = torch.cuda.get_device_name()
+            if trainer.strategy.root_device.type == "cuda":
+                facts["gpu_memory_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        log_fit_facts(self.client, self.logger.run_id, facts, tags)
+
+    def pruned(self) -> RunResult:
+        """A sweep's pruner stopped the run: tag it, and report its best epoch's validation accuracy."""
+        self.client.set_tag(self.logger.run_id, "pruned", "true")
+        history = metric_history(self.client, self.logger.run_id)["val/acc"]
+        return RunResult(self.config.family, self.logger.run_id, max(history, default=0.0), "", pruned=True)
+
+
+def log_run_start(logger: Any, config: Config, data_dir: str, dm: Any, tags: dict[str, str],
                   n_parameters: int) -> None:
     """Params, tags, dataset inputs, skipped images and ``config.yaml`` of a new run (not of a resumed one).
 
@@ -81,7 +174,8 @@ def log_run_start(logger: Any, config: dict, data_dir: str, dm: Any, tags: dict[
     from pipeline.data import resolve_data_dir
 
     client, run_id, summary = logger.experiment, logger.run_id, dm.summary()
-    logger.log_hyperparams(flatten({k: v for k, v in config.items() if k != "tracking"}))
+    plain = config.to_dict()
+    logger.log_hyperparams(flatten({k: v for k, v in plain.items() if k != "tracking"}))
     logger.log_hyperparams({"n_parameters": n_parameters, "data.train_size": summary["train_size"],
                             "data.val_size": summary["val_size"], "data.test_size": summary["test_size"],
                             "data.test_source": summary["test_source"], "data.fingerprint": summary["fingerprint"],
@@ -102,7 +196,7 @@ def log_run_start(logger: Any, config: dict, data_dir: str, dm: Any, tags: dict[
                           (("training", "train"), ("validation", "val"), ("test", "test"))})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
-        path.write_text(yaml.safe_dump({**config, "data_dir": str(data_dir)}, sort_keys=False))
+        path.write_text(yaml.safe_dump({**plain, "data_dir": str(data_dir)}, sort_keys=False))
         client.log_artifact(run_id, str(path))
 
 

@@ -101,23 +101,23 @@ class Outputs:
 
 
 @torch.inference_mode()
-def outputs(classifier: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> Outputs:
+def outputs(classifier: nn.Module, images_uint8: torch.Tensor, chunk: int = 512) -> Outputs:
     """TTA-averaged logits and penultimate features of uint8 images, as the exported graph computes them."""
     classifier = classifier.eval()
     logits, feats = [], []
-    for start in range(0, len(images_uint8), batch_size):
-        f, z = classifier.features_and_logits(images_uint8[start : start + batch_size].float() / 255)
+    for start in range(0, len(images_uint8), chunk):
+        f, z = classifier.features_and_logits(images_uint8[start : start + chunk].float() / 255)
         logits.append(z.double().numpy())
         feats.append(f)
     return Outputs(np.concatenate(logits), torch.cat(feats))
 
 
-def features(classifier: nn.Module, images_uint8: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def features(classifier: nn.Module, images_uint8: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Penultimate features (TTA-averaged, as the exported graph computes them) of uint8 images."""
-    return outputs(classifier, images_uint8, batch_size).features
+    return outputs(classifier, images_uint8, chunk).features
 
 
-def bank_rows(n: int, size: int, seed: int = 0) -> torch.Tensor:
+def bank_rows(n: int, size: int, seed: int) -> torch.Tensor:
     """Which training images go into the bank: all when there are at most ``size``, else a seeded sample."""
     if n <= size:
         return torch.arange(n)
@@ -132,6 +132,6 @@ def knn_scores(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return 1.0 - np.partition(similarity, -k, axis=1)[:, -k]
 
 
-def threshold_for(scores: np.ndarray, keep: float = 0.95) -> float:
+def threshold_for(scores: np.ndarray, keep: float) -> float:
     """The score below which ``keep`` of these (in-scope validation) images fall."""
     return float(np.quantile(np.asarray(scores, np.float64), keep))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +22,7 @@ import lightning as L
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import config_dir, resolve_config, schema
+from pipeline.config import SECTIONS, Config, config_dir, resolve_config
 from pipeline.errors import ConfigError
 from pipeline.tracking import project_dir
 
@@ -42,11 +42,10 @@ class SweepResult:
     pruned: int
 
 
-def default_space(base: dict) -> dict:
+def default_space(base: Config) -> dict:
     """The search space of a family without ``configs/sweep/<family>.yaml``: its learning rate and weight
     decay from a third to three times the configured values (log scale), and its epochs +/- a third."""
-    optim, epochs = base.get("optim") or {}, int(base["trainer"].get("max_epochs") or 10)
-    lr, decay = float(optim.get("lr", 0.1)), float(optim.get("weight_decay", 5e-4))
+    lr, decay, epochs = base.optim.lr, base.optim.weight_decay, base.trainer.max_epochs
     params = {"optim.lr": {"float": [lr / 3, lr * 3], "log": True},
               "optim.weight_decay": {"float": [decay / 3, decay * 3], "log": True},
               "trainer.max_epochs": {"int": [max(1, round(epochs * 2 / 3)), max(2, round(epochs * 4 / 3))]}}
@@ -54,7 +53,7 @@ def default_space(base: dict) -> dict:
 
 
 def load_space(family: str, fixed_epochs: bool, directory: Path | None = None,
-               base: dict | None = None) -> tuple[dict, dict]:
+               base: Config | None = None) -> tuple[dict, dict]:
     """(params, pruner) of ``configs/sweep/<family>.yaml`` (else :func:`default_space` of the family's
     config ``base``), checked against the config schema."""
     path = (directory or config_dir()) / "sweep" / f"{family}.yaml"
@@ -65,10 +64,9 @@ def load_space(family: str, fixed_epochs: bool, directory: Path | None = None,
     else:
         raise ConfigError(f"No search space {str(path)!r} for family {family!r}, and no config to derive one from.")
     params, pruner = dict(spec.get("params") or {}), dict(spec.get("pruner") or {})
-    known = schema()
+    known = {f"{section}.{f.name}" for section, kind in SECTIONS.items() for f in fields(kind())}
     for key, rule in params.items():
-        section, _, name = key.rpartition(".")
-        if name not in known.get(section, {}):
+        if key not in known:
             raise ConfigError(f"{path}: {key!r} is not a config key that a sweep can set.")
         kinds = [kind for kind in KINDS if kind in (rule or {})]
         if len(kinds) != 1:
@@ -140,7 +138,7 @@ def run_sweep(family: str, trials: int, profile: str, data_dir: str, experiment:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name, storage=storage, load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=int(base.get("seed", 42))),
+        sampler=optuna.samplers.TPESampler(seed=base.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=int(pruner_spec.get("startup_trials", 3)),
                                            n_warmup_steps=int(pruner_spec.get("warmup_epochs", 1))),
     )

@@ -22,10 +22,10 @@ import torch
 from rich.table import Table
 
 from pipeline.calibration import calibration_scores, fit_temperature
-from pipeline.evaluation import EvalFolder, auroc, folder_metrics, fpr_at_tpr, labelled_metrics, load_eval_folder
+from pipeline.config import Config
+from pipeline.evaluation import auroc, fpr_at_tpr, labelled_metrics, score_folders
 from pipeline.scope import (
-    SCORES, CombinedScore, Deployed, EnergyScore, NearestNeighbourScore, Outputs, bank_rows, features, outputs,
-    threshold_for,
+    CombinedScore, Deployed, EnergyScore, NearestNeighbourScore, Outputs, bank_rows, outputs, threshold_for,
 )
 
 
@@ -35,6 +35,7 @@ class TrustReport:
     scope_metadata: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # split -> before/after/labels
+    answers: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # split -> probabilities, scope scores
 
     def table(self, family: str) -> Table:
         m = self.metrics
@@ -99,8 +100,7 @@ def source_metrics(dm, split: str, probabilities: np.ndarray, labels: np.ndarray
     return metrics
 
 
-def outlier_metrics(dm, in_scope: dict[str, np.ndarray], scope_scores, classifier: torch.nn.Module,
-                    threshold: float) -> dict[str, float]:
+def outlier_metrics(dm, in_scope: dict[str, np.ndarray], answer, threshold: float) -> dict[str, float]:
     """Validation and test outliers (classes never trained on) against the in-scope split of the same name:
     ``outliers/<split>/auroc``, ``fpr_at_95`` and ``flagged`` (share above the threshold), also per source."""
     metrics: dict[str, float] = {}
@@ -109,7 +109,7 @@ def outlier_metrics(dm, in_scope: dict[str, np.ndarray], scope_scores, classifie
         images = getattr(dm, f"outlier_{split}", None)
         if images is None:
             continue
-        scores = scope_scores(outputs(classifier, images.cpu()))
+        scores = answer(images.cpu().numpy())[1]
         metrics.update({f"outliers/{split}/images": float(len(scores)), f"outliers/{split}/auroc": auroc(inside, scores),
                         f"outliers/{split}/fpr_at_95": fpr_at_tpr(inside, scores),
                         f"outliers/{split}/flagged": float(np.mean(scores > threshold))})
@@ -122,83 +122,62 @@ def outlier_metrics(dm, in_scope: dict[str, np.ndarray], scope_scores, classifie
     return metrics
 
 
-def make_trustworthy(config: dict, classifier: torch.nn.Module, dm) -> tuple[Deployed, TrustReport]:
-    """Calibrate ``classifier`` in place, build its out-of-scope scorer, and measure both."""
+def make_trustworthy(config: Config, classifier: torch.nn.Module, dm) -> tuple[Deployed, TrustReport]:
+    """Calibrate ``classifier`` in place, build its out-of-scope scorer, and measure both.
+
+    Each split goes through the network once: the report keeps its calibrated probabilities and scope
+    scores (``report.answers``), which publishing scores and plots.
+    """
     classifier = classifier.eval().float().cpu()
-    scope_config = config.get("out_of_scope") or {}
-    keep = float(scope_config.get("keep", 0.95))
+    scope = config.out_of_scope
     val_labels = dm.val_labels.cpu().numpy()
     val = outputs(classifier, dm.val_images.cpu())
-    fit = bool((config.get("calibration") or {}).get("temperature", True))
-    temperature = fit_temperature(val.logits, val_labels) if fit else 1.0
+    temperature = fit_temperature(val.logits, val_labels) if config.calibration.temperature else 1.0
     classifier.temperature.fill_(temperature)
-
-    kind = str(scope_config.get("score", "combined"))
-    if kind not in SCORES:
-        raise ValueError(f"out_of_scope.score must be one of {', '.join(SCORES)}, got {kind!r}")
-    described: dict[str, Any] = {"score": kind, "keep": keep}
+    described: dict[str, Any] = {"score": scope.score, "keep": scope.keep}
 
     def scored(scorer: torch.nn.Module, out: Outputs) -> np.ndarray:
         with torch.inference_mode():
             return scorer(out.features, torch.from_numpy(out.logits / temperature).float()).numpy()
 
     scorer: torch.nn.Module = EnergyScore()
-    if kind in ("knn", "combined"):
-        rows = bank_rows(len(dm.train_labels), int(scope_config.get("bank_size", 4000)), int(config.get("seed", 0)))
-        knn = NearestNeighbourScore(features(classifier, dm.train_images[rows].cpu()),
-                                    min(int(scope_config.get("k", 10)), len(rows)))
+    if scope.score in ("knn", "combined"):
+        rows = bank_rows(len(dm.train_labels), scope.bank_size, config.seed)
+        knn = NearestNeighbourScore(outputs(classifier, dm.train_images[rows].cpu()).features, min(scope.k, len(rows)))
         described.update(k=knn.k, bank_size=len(rows))
         scorer = knn
-        if kind == "combined":
+        if scope.score == "combined":
             energy, distance = scored(EnergyScore(), val), scored(knn, val)
             scorer = CombinedScore(knn, (float(energy.mean()), float(energy.std())),
                                    (float(distance.mean()), float(distance.std())))
 
-    def scope_scores(out: Outputs) -> np.ndarray:
-        return scored(scorer, out)
-
-    val_scores = scope_scores(val)
-    threshold = threshold_for(val_scores, keep)
+    val_scores = scored(scorer, val)
+    threshold = threshold_for(val_scores, scope.keep)
     report = TrustReport(temperature, {**described, "threshold": threshold})
     metrics = report.metrics
     metrics.update({"temperature": temperature, "out_of_scope_threshold": threshold})
 
-    in_scope_scores: dict[str, np.ndarray] = {}
     splits = {"val": (val, val_labels, val_scores)}
     if dm.test_images is not None:
         test = outputs(classifier, dm.test_images.cpu())
-        splits["test"] = (test, dm.test_labels.cpu().numpy(), scope_scores(test))
+        splits["test"] = (test, dm.test_labels.cpu().numpy(), scored(scorer, test))
     for split, (out, labels, scores) in splits.items():
-        before, after = calibration_scores(out.probabilities(), labels), calibration_scores(
-            out.probabilities(temperature), labels)
+        probabilities = out.probabilities(temperature)
+        before, after = calibration_scores(out.probabilities(), labels), calibration_scores(probabilities, labels)
         metrics.update({f"{split}_{key}_uncalibrated": before[key] for key in ("ece", "nll", "brier",
                                                                                 "mean_confidence")})
         metrics.update({f"{split}_{key}": after[key] for key in ("ece", "nll", "brier", "mean_confidence")})
         metrics[f"{split}_acc_calibrated"] = after["acc"]
         metrics[f"{split}_out_of_scope_rate"] = float(np.mean(scores > threshold))
-        report.curves[split] = (out.probabilities(), out.probabilities(temperature), labels)
-        in_scope_scores[split] = scores
-        metrics.update(source_metrics(dm, split, out.probabilities(temperature), labels, scores > threshold))
-    metrics.update(outlier_metrics(dm, {split: v[2] for split, v in splits.items()}, scope_scores, classifier,
-                                   threshold))
+        report.curves[split] = (out.probabilities(), probabilities, labels)
+        report.answers[split] = (probabilities, scores)
+        metrics.update(source_metrics(dm, split, probabilities, labels, scores > threshold))
 
-    folders = (config.get("evaluation") or {}).get("folders") or {}
-    loaded: list[tuple[EvalFolder, np.ndarray]] = []
-    for name, path in folders.items():
-        folder = load_eval_folder(name, path, dm.classes, int(config["data"]["image_size"]))
-        out = outputs(classifier, torch.from_numpy(folder.images))
-        scores = scope_scores(out)
-        metrics.update(folder_metrics(folder, out.probabilities(temperature), scores > threshold, dm.classes))
-        if folder.labelled:
-            in_scope_scores[name] = scores
-        loaded.append((folder, scores))
-    for folder, scores in loaded:
-        if folder.labelled:
-            continue
-        for name, inside in in_scope_scores.items():
-            if name == "val":
-                continue
-            metrics[f"eval/{folder.name}/auroc_vs_{name}"] = auroc(inside, scores)
-            metrics[f"eval/{folder.name}/fpr_at_95_vs_{name}"] = fpr_at_tpr(inside, scores)
+    def answer(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = outputs(classifier, torch.from_numpy(images))
+        return out.probabilities(temperature), scored(scorer, out)
+
+    metrics.update(outlier_metrics(dm, {split: v[2] for split, v in splits.items()}, answer, threshold))
+    metrics.update(score_folders(config.evaluation.folders, dm.classes, config.data.image_size, answer, threshold,
+                                 {"test": splits["test"][2]} if "test" in splits else {}))
     return Deployed(classifier, scorer), report
-

@@ -44,8 +44,8 @@ class PatchWhitening(nn.Conv2d):
 class FrozenScaleBatchNorm(nn.BatchNorm2d):
     """BatchNorm with its scale fixed at 1: only the bias learns (airbench: at a much higher rate)."""
 
-    def __init__(self, channels: int, momentum: float = 0.4, eps: float = 1e-12) -> None:
-        super().__init__(channels, momentum=momentum, eps=eps)
+    def __init__(self, channels: int, running_momentum: float = 0.4, eps: float = 1e-12) -> None:
+        super().__init__(channels, momentum=running_momentum, eps=eps)
         self.weight.requires_grad_(False)
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.config import DataSettings
 from pipeline.models import register
 
 
 class LeNet(nn.Module):
-    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = DataSettings.image_size) -> None:
         super().__init__()
         if image_size < 16 or image_size % 4:
             raise ValueError(f"LeNet needs an image_size divisible by 4 and >= 16, got {image_size}")

@@ -55,14 +55,14 @@ class OnnxClassifier:
 
         return cls.from_dir(mlflow.artifacts.download_artifacts(model_uri), threads)
 
-    def predict(self, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(self, images: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, np.ndarray | None]:
         """uint8 ``(N, 3, H, W)`` images -> float32 ``(N, classes)`` calibrated softmax probabilities and
         ``(N,)`` out-of-scope scores (None for a model without them)."""
         if images.ndim == 3:
             images = images[None]
         probabilities, scores = [], []
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].astype(np.float32) / np.float32(255.0)
+        for start in range(0, len(images), chunk):
+            batch = images[start : start + chunk].astype(np.float32) / np.float32(255.0)
             out = self.session.run(self.output_names, {self.input_name: batch})
             probabilities.append(out[0])
             if self.has_scope:
@@ -71,9 +71,9 @@ class OnnxClassifier:
             return np.zeros((0, len(self.classes)), np.float32), (np.zeros(0, np.float32) if self.has_scope else None)
         return np.concatenate(probabilities), (np.concatenate(scores) if self.has_scope else None)
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, chunk: int = 512) -> np.ndarray:
         """uint8 ``(N, 3, H, W)`` images -> float32 ``(N, classes)`` softmax probabilities."""
-        return self.predict(images, batch_size)[0]
+        return self.predict(images, chunk)[0]
 
     def out_of_scope(self, scores: np.ndarray | None) -> np.ndarray | None:
         """True where a score is over the threshold stored with the model (None without one)."""
