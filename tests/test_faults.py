@@ -68,7 +68,7 @@ def test_unreachable_tracking_server_is_one_sentence_within_15_s(toy_folder, iso
 @pytest.mark.slow
 def test_a_killed_run_resumes_into_the_same_mlflow_run(toy_folder, isolated_project):
     args = [sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), "--models", "resnet",
-            "--epochs", "40", "--set", "data.batch_size=8"]
+            "--epochs", "40", "--set", "data.batch_size=32", "--set", "model.args.widths=[16,32,32]"]
     env = {**os.environ, "PIPELINE_HOME": str(isolated_project)}
     process = subprocess.Popen(args, env=env, cwd=isolated_project, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
@@ -128,7 +128,7 @@ def test_tracking_server_lost_mid_run_keeps_checkpoints_and_resumes(toy_folder, 
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PIPELINE_HOME": str(isolated_project),
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     args = [sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), "--models", "resnet",
-            "--epochs", "40", "--set", "data.batch_size=8"]
+            "--epochs", "40", "--set", "data.batch_size=32", "--set", "model.args.widths=[16,32,32]"]
     server = start_mlflow_server(store, port)
     try:
         training = subprocess.Popen(args, env=env, cwd=isolated_project, stdout=subprocess.PIPE,

@@ -20,27 +20,45 @@ TRAIN = ["--epochs", "8", "--set", "data.batch_size=32", "--set", "data.val_frac
          "--set", "tracking.system_metrics_interval_s=0.5"]
 
 
-@pytest.fixture
-def trained(toy_folder, isolated_project):
-    # An evaluation folder of noise: none of the four classes, so it should be flagged out of scope.
-    noise = isolated_project / "noise" / "images"
-    noise.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise / f"{i}.png")
-    assert main(["train", "--data", str(toy_folder), "--models", "lenet,resnet", *TRAIN,
-                 "--set", f"evaluation.folders.noise={noise.parent}",
-                 "--set", f"evaluation.folders.toy={toy_folder}"]) == 0
-    uri = f"sqlite:///{isolated_project / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
+@pytest.fixture(scope="module")
+def trained_project(toy_folder, tmp_path_factory):
+    """LeNet and ResNet-9 trained once for this module's tests (each test then works in that project)."""
+    project = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PIPELINE_HOME", str(project))
+        patch.setenv("PIPELINE_CACHE_DIR", str(project / "cache"))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.chdir(project)
+        # An evaluation folder of noise: none of the four classes, so it should be flagged out of scope.
+        noise = project / "noise" / "images"
+        noise.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise / f"{i}.png")
+        assert main(["train", "--data", str(toy_folder), "--models", "lenet,resnet", *TRAIN,
+                     "--set", f"evaluation.folders.noise={noise.parent}",
+                     "--set", f"evaluation.folders.toy={toy_folder}"]) == 0
+    uri = f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("cifar4")
     runs = {r.data.tags["family"]: r for r in client.search_runs([experiment.experiment_id])}
+    return project, client, runs
+
+
+@pytest.fixture
+def trained(trained_project, monkeypatch):
+    """(client, runs) of the shared training, with this test working in its project."""
+    project, client, runs = trained_project
+    monkeypatch.setenv("PIPELINE_HOME", str(project))
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(project / "cache"))
+    monkeypatch.chdir(project)
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     return client, runs
 
 
-def test_training_logs_runs_models_and_champion(trained, toy_folder, isolated_project):
+def test_training_logs_runs_models_and_champion(trained, trained_project, toy_folder):
     client, runs = trained
+    project = trained_project[0]
     assert set(runs) == {"lenet", "resnet"}
     for family, run in runs.items():
         assert run.info.status == "FINISHED"
@@ -96,14 +114,14 @@ def test_training_logs_runs_models_and_champion(trained, toy_folder, isolated_pr
     assert info.metadata["out_of_scope"]["threshold"] == pytest.approx(best.data.metrics["out_of_scope_threshold"])
 
     # Loaded back through MLflow, without the training code: same probabilities as the trained net.
-    data = load_image_folder(toy_folder, cache_dir=isolated_project / "cache")
+    data = load_image_folder(toy_folder, cache_dir=project / "cache")
     images = data.images[:40]
     pyfunc = mlflow.pyfunc.load_model("models:/cifar4-classifier@champion")
     answer = pyfunc.predict(images.numpy().astype(np.float32) / 255.0)
     probabilities = answer["probabilities"]
     assert answer["out_of_scope_score"].shape == (40,)
     # The run logs its final weights (checkpoint.select: last).
-    checkpoint = isolated_project / "checkpoints" / "cifar4" / best.info.run_id / "last.ckpt"
+    checkpoint = project / "checkpoints" / "cifar4" / best.info.run_id / "last.ckpt"
     net = LitClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).model.eval()
     with torch.inference_mode():
         # model.onnx divides the logits by the temperature fitted on the validation split.
@@ -180,12 +198,15 @@ def test_logs_get_one_line_per_epoch_and_terminals_keep_the_bar(toy_folder, caps
 def test_the_alias_can_be_moved_back_by_hand(trained, capsys):
     client, _ = trained
     before = client.get_model_version_by_alias("cifar4-classifier", "champion").version
-    assert main(["champion", "--version", "1"]) == 0
-    assert str(client.get_model_version_by_alias("cifar4-classifier", "champion").version) == "1"
-    out = capsys.readouterr().out
-    assert ("nothing changed" in out) if str(before) == "1" else (f"moved from version {before}" in out)
-    assert main(["champion", "--version", "99"]) == 2
-    assert "has no version 99" in capsys.readouterr().err
+    try:
+        assert main(["champion", "--version", "1"]) == 0
+        assert str(client.get_model_version_by_alias("cifar4-classifier", "champion").version) == "1"
+        out = capsys.readouterr().out
+        assert ("nothing changed" in out) if str(before) == "1" else (f"moved from version {before}" in out)
+        assert main(["champion", "--version", "99"]) == 2
+        assert "has no version 99" in capsys.readouterr().err
+    finally:  # the module's other tests share this registry
+        client.set_registered_model_alias("cifar4-classifier", "champion", before)
 
 
 def test_skip_trains_past_a_broken_file_and_logs_the_count(toy_folder, isolated_project, capsys):
