@@ -152,7 +152,8 @@ def make_trustworthy(config: Config, classifier: torch.nn.Module, dm) -> tuple[D
                                    (float(distance.mean()), float(distance.std())))
 
     val_scores = scored(scorer, val)
-    threshold = threshold_for(val_scores, scope.keep)
+    val_source = getattr(dm, "val_source", None)
+    threshold = threshold_for(val_scores, scope.keep, None if val_source is None else val_source.cpu().numpy())
     report = TrustReport(temperature, {**described, "threshold": threshold})
     metrics = report.metrics
     metrics.update({"temperature": temperature, "out_of_scope_threshold": threshold})
