@@ -161,3 +161,44 @@ def test_the_combined_score_is_the_larger_of_the_two_in_validation_deviations(tm
         energy = EnergyScore()(feats, logits / 0.8).numpy()
     distance = knn_scores(bank.numpy(), feats.numpy(), 3)
     np.testing.assert_allclose(scores, np.maximum((energy + 2.0) / 0.5, (distance - 0.1) / 0.05), atol=1e-3)
+
+
+def test_publishing_runs_each_split_through_the_net_once():
+    """make_trustworthy computes each split's outputs once; publishing scores and plots those same answers."""
+    from types import SimpleNamespace
+
+    from pipeline.config import Config
+    from pipeline.trust import make_trustworthy
+
+    torch.manual_seed(0)
+    classifier = Classifier(build_model("lenet", 4), [0.5] * 3, [0.25] * 3, tta=1)
+    seen: list[int] = []
+    original = classifier.features_and_logits
+    classifier.features_and_logits = lambda images: (seen.append(len(images)), original(images))[1]
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+
+    labels = lambda n: torch.arange(n) % 4  # noqa: E731
+    dm = SimpleNamespace(classes=["bird", "boat", "cat", "dog"], source_names=["data"],
+                         train_images=images(30), train_labels=labels(30), val_images=images(20),
+                         val_labels=labels(20), test_images=images(16), test_labels=labels(16),
+                         outlier_val=images(12), outlier_test=images(8))
+    config = Config.from_dict({"out_of_scope": {"score": "combined", "bank_size": 30}})
+    _, report = make_trustworthy(config, classifier, dm)
+    # bank (30 training images), validation (20), test (16), validation and test outliers (12, 8): once each.
+    assert sorted(seen) == sorted([30, 20, 16, 12, 8])
+    assert set(report.answers) == {"val", "test"} and len(report.answers["test"][0]) == 16
+    assert {"outliers/val/auroc", "outliers/test/auroc", "val_ece", "test_ece"} <= set(report.metrics)
+
+
+def test_the_threshold_keeps_the_share_of_every_source():
+    """Two sources whose in-scope scores differ: the pooled quantile would flag far more of the smaller one."""
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0, 1, 9000), rng.normal(1, 1, 1000)])
+    sources = np.repeat([0, 1], [9000, 1000])
+    pooled, each = threshold_for(scores, 0.95), threshold_for(scores, 0.95, sources)
+    assert np.mean(scores[sources == 1] <= pooled) < 0.90  # the big source sets a pooled threshold
+    for source in (0, 1):
+        assert np.mean(scores[sources == source] <= each) >= 0.95
+    assert threshold_for(scores, 0.95, np.zeros(len(scores))) == pooled  # one source: as before
