@@ -48,6 +48,25 @@ def test_sources_are_named_after_their_folders_and_take_weights(tmp_path):
         parse_sources("a:0")
 
 
+def test_a_source_can_leave_out_files_by_name(tmp_path):
+    """Leave-one-species-out: a species' files (named <wnid>_<n>) are left out of every split of that source."""
+    root = make_image_folder(tmp_path / "photos", per_class=20, seed=3)
+    for path in sorted((root / "bird").iterdir())[:8]:
+        path.rename(path.with_name(f"goose_{path.name}"))
+    (source,) = parse_sources([{"path": str(root), "exclude": "goose_*"}])
+    assert source.exclude == ("goose_*",)
+    whole = ImageFolderDataModule(str(root), cache_dir=str(tmp_path / "cache"))
+    left = ImageFolderDataModule("", sources=[{"path": str(root), "exclude": ["goose_*"]}],
+                                 cache_dir=str(tmp_path / "cache"))
+    whole.prepare()
+    left.prepare()
+    count = lambda dm, cls: sum(int((getattr(dm, f"{s}_labels") == cls).sum()) for s in ("train", "val", "test"))  # noqa: E731
+    assert count(whole, 0) == 20 and count(left, 0) == 12 and count(left, 1) == 20
+    assert left.fingerprint != whole.fingerprint
+    with pytest.raises(DataError, match="holds no images"):
+        ImageFolderDataModule("", sources=[{"path": str(root), "exclude": ["*"]}], cache_dir=str(tmp_path)).prepare()
+
+
 def test_every_split_holds_every_source(tmp_path):
     a = make_image_folder(tmp_path / "a", per_class=30, seed=1)
     b = make_image_folder(tmp_path / "b", per_class=20, seed=2, size=48)  # any size: the service's resize

@@ -174,8 +174,8 @@ class DataSettings:
     on_bad_image: str = setting("error", "error: stop at a file that does not decode; skip: leave such files out "
                                          "(at most 1%)", choices=("error", "skip"))
     cache_dir: Optional[str] = setting(None, "where decoded sources are cached (default: .cache/ of the project)")
-    sources: list = setting([], "labelled folders when no --data is given: [DIR, {path: DIR, weight: 2}]; each is "
-                                "split on its own")
+    sources: list = setting([], "labelled folders when no --data is given: [DIR, {path: DIR, weight: 2, exclude: "
+                                "[file-name patterns]}]; each is split on its own")
     outliers: list = setting([], "unlabelled folders of out-of-scope images for outlier exposure (--outliers DIR)")
     outlier_share: float = setting(0.25, "outliers appended to each training batch, as a share of it (0: only "
                                          "scored, never trained on)", within="[0, 4]")
@@ -283,7 +283,8 @@ class OutOfScopeSettings:
     k: int = setting(10, "knn, combined: which neighbour", within="[1, 1000]")
     bank_size: int = setting(4000, "knn, combined: training images whose features sit in model.onnx",
                              within="[1, 1000000]")
-    keep: float = setting(0.95, "the threshold keeps this share of the validation split in scope", within="[0.5, 1)")
+    keep: float = setting(0.95, "the threshold keeps this share of each source's validation images in scope",
+                          within="[0.5, 1)")
 
 
 @dataclass

@@ -14,6 +14,7 @@ outliers.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
@@ -64,6 +65,7 @@ class Source:
     path: str
     weight: float = 1.0
     name: str = ""
+    exclude: tuple[str, ...] = ()  # file-name patterns left out of every split (leave-one-species-out checks)
 
 
 def parse_sources(data: str | list | tuple) -> list[Source]:
@@ -73,10 +75,13 @@ def parse_sources(data: str | list | tuple) -> list[Source]:
     sources: list[Source] = []
     for item in items:
         if isinstance(item, dict):
-            unknown = set(item) - {"path", "weight", "name"}
+            unknown = set(item) - {"path", "weight", "name", "exclude"}
             if "path" not in item or unknown:
-                raise DataError(f"A data.sources entry is a folder or {{path: folder, weight: number}}, got {item!r}.")
-            source = Source(str(item["path"]), float(item.get("weight", 1.0)), str(item.get("name", "")))
+                raise DataError(f"A data.sources entry is a folder or {{path: folder, weight: number, exclude: "
+                                f"[file-name patterns]}}, got {item!r}.")
+            exclude = item.get("exclude") or ()
+            source = Source(str(item["path"]), float(item.get("weight", 1.0)), str(item.get("name", "")),
+                            (exclude,) if isinstance(exclude, str) else tuple(str(x) for x in exclude))
         else:
             text, weight = str(item).strip(), 1.0
             head, _, tail = text.rpartition(":")
@@ -135,21 +140,24 @@ def hold_out_classes(n_classes: int, share: float, seed: int, test_seed: int) ->
     return set(rest[: n_hold // 2]), set(test)
 
 
-def scan_image_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """List ``(file, class index)`` pairs; class names are the sorted subfolder names."""
+def scan_image_folder(root: str | Path, exclude: tuple[str, ...] = (),
+                      min_classes: int = 2) -> tuple[list[str], list[tuple[Path, int]]]:
+    """List ``(file, class index)`` pairs; class names are the sorted subfolder names. Files whose name
+    matches a pattern of ``exclude`` (``fnmatch``, e.g. ``n01855672_*``) are left out."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"Data folder {str(root)!r} does not exist.")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise DataError(
             f"Data folder {str(root)!r} has {len(classes)} class folder(s); "
-            "it needs at least 2 subfolders, one per class, each holding images."
+            f"it needs at least {min_classes} subfolders, one per class, each holding images."
         )
     files: list[tuple[Path, int]] = []
     for index, name in enumerate(classes):
         found = sorted(
             p for p in (root / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in exclude)
         )
         if not found:
             raise DataError(
@@ -227,7 +235,8 @@ def _report_skipped(root: Path, skipped: list[str], total: int, errors: dict[str
 
 
 def load_image_folder(root: str | Path, size: int = DataSettings.image_size, cache_dir: str | Path | None = None,
-                      on_bad_image: str = DataSettings.on_bad_image) -> ImageSet:
+                      on_bad_image: str = DataSettings.on_bad_image, exclude: tuple[str, ...] = (),
+                      min_classes: int = 2) -> ImageSet:
     """Decode every image of an ImageFolder-shaped directory, using the cache when it matches.
 
     ``on_bad_image="error"`` stops at the first file that does not decode, naming it; ``"skip"``
@@ -236,7 +245,7 @@ def load_image_folder(root: str | Path, size: int = DataSettings.image_size, cac
     if on_bad_image not in BAD_IMAGE_MODES:
         raise DataError(f"data.on_bad_image must be error or skip, got {on_bad_image!r}.")
     root = Path(root)
-    classes, files = scan_image_folder(root)
+    classes, files = scan_image_folder(root, exclude, min_classes)
     images, labels, skipped, errors, fingerprint = _decode_cached(files, root, size, cache_dir, on_bad_image)
     _report_skipped(root, skipped, len(files), errors, on_bad_image)
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels), classes, fingerprint, str(root), skipped)
@@ -541,7 +550,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _split_source(self, index: int, source: Source) -> dict:
         """One source's train/val/test images, labels and source ids."""
         train_dir, test_dir = resolve_data_dir(source.path)
-        full = load_image_folder(train_dir, self.settings.image_size, self.settings.cache_dir, self.settings.on_bad_image)
+        full = load_image_folder(train_dir, self.settings.image_size, self.settings.cache_dir, self.settings.on_bad_image,
+                                 source.exclude)
         self.skipped += [f"{source.name}/{name}" if len(self.sources) > 1 else name for name in full.skipped]
         if self.classes is None:
             self.classes = full.classes

@@ -94,7 +94,9 @@ def load_eval_folder(name: str, path: str | Path, classes: list[str], size: int)
         raise DataError(f"Evaluation folder {name!r} ({str(path)!r}) does not exist or is not a folder.")
     subfolders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
     if subfolders and subfolders <= set(classes):
-        data = load_image_folder(path, size)
+        # Labelled, with any of the classes (one is enough: a folder of dogs); the rest of the file
+        # handling is the training loader's (cache, one sentence for a file that does not decode).
+        data = load_image_folder(path, size, min_classes=1)
         labels = np.array([classes.index(data.classes[i]) for i in data.labels.tolist()])
         return EvalFolder(name, path, data.images.numpy(), labels)
     images = np.stack([decode_image(file, size) for file in find_images(path)])
