@@ -50,7 +50,7 @@ def test_a_crafted_pickle_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
-def test_unreachable_tracking_server_is_one_sentence_within_15_s(toy_folder, isolated_project):
+def test_unreachable_tracking_server_is_one_sentence_in_seconds(toy_folder, isolated_project):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again: nothing listens there
@@ -60,7 +60,9 @@ def test_unreachable_tracking_server_is_one_sentence_within_15_s(toy_folder, iso
                             env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=60,
                             cwd=isolated_project)
     assert result.returncode == 2
-    assert time.time() - started < 15
+    # A refused connection fails the health check at once; what the bound allows for is Python importing
+    # torch and Lightning (5 s here, 15 s on a loaded 2-core machine). MLflow's own retries take minutes.
+    assert time.time() - started < 30
     assert f"MLflow tracking server {uri} is unreachable" in result.stderr
     assert "Traceback" not in result.stderr
 

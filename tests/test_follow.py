@@ -144,8 +144,8 @@ def test_the_service_follows_the_alias(served, toy_folder, tmp_path):
         threads = [threading.Thread(target=load) for _ in range(8)]
         for thread in threads:
             thread.start()
-        moved = time.time()
         out = pipeline("champion", "--version", second)
+        moved = time.time()  # the alias has moved: from here the service has its follow interval (1 s) to notice
         assert f"moved from version {first}" in out
         poll(lambda: all(classify()["model"]["version"] == second for _ in range(6)), 15, "version 2 answers")
         swap_seconds = time.time() - moved

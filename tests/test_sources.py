@@ -1,6 +1,7 @@
 """Several training sources in one run, and outlier exposure: splits per source, held-out outlier classes,
 the figures a user reads per source, and a real run that learns "none of these"."""
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -137,7 +138,13 @@ def test_a_run_of_two_sources_and_outliers_reports_each_and_flags_unseen_outlier
     a = make_image_folder(tmp_path / "cifarish", per_class=50, seed=3)
     b = make_image_folder(tmp_path / "photoish", per_class=30, seed=4, size=64)
     outliers = make_outliers(tmp_path / "outliers" / "images", per_class=30, kinds=10)
-    assert main(["train", "--data", f"{a},{b}", "--outliers", str(outliers.parent), "--models", "lenet",
+    # The sources as a user's config would give them (data.sources), one of them leaving out files that
+    # would otherwise join it (copies of the other source's: were they trained on, the test would not know).
+    for label in ("bird", "boat", "cat", "dog"):
+        for path in sorted((a / label).iterdir())[:5]:
+            (b / label / f"left-out_{path.name}").write_bytes(path.read_bytes())
+    sources = json.dumps([str(a), {"path": str(b), "exclude": ["left-out_*"]}])
+    assert main(["train", "--set", f"data.sources={sources}", "--outliers", str(outliers.parent), "--models", "lenet",
                  "--epochs", "8", "--set", "data.batch_size=32", "--set", "data.val_fraction=0.2",
                  "--set", "data.outlier_holdout=0.4", "--set", "tracking.system_metrics_interval_s=5",
                  "--set", "trainer.precision=32-true"]) == 0
@@ -145,6 +152,8 @@ def test_a_run_of_two_sources_and_outliers_reports_each_and_flags_unseen_outlier
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cifar4").experiment_id])
     metrics = run.data.metrics
+    # 4 x 50 + 4 x 30 images over the three splits: the 20 left out are in none.
+    assert sum(int(run.data.params[f"data.{split}_size"]) for split in ("train", "val", "test")) == 320
     for source in ("cifarish", "photoish"):
         for split in ("val", "test"):
             assert {f"source/{source}/{split}_{key}" for key in ("acc", "balanced_acc", "ece", "out_of_scope_rate")} \

@@ -1,5 +1,7 @@
 """End to end on tiny synthetic images: train -> MLflow run -> MLflow Model -> champion alias."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -35,20 +37,22 @@ def trained_project(toy_folder, tmp_path_factory):
         rng = np.random.default_rng(0)
         for i in range(40):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise / f"{i}.png")
-        assert main(["train", "--data", str(toy_folder), "--models", "lenet,resnet", *TRAIN,
-                     "--set", f"evaluation.folders.noise={noise.parent}",
-                     "--set", f"evaluation.folders.toy={toy_folder}"]) == 0
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # what a log file of `make train` would hold
+            assert main(["train", "--data", str(toy_folder), "--models", "lenet,resnet", *TRAIN,
+                         "--set", f"evaluation.folders.noise={noise.parent}",
+                         "--set", f"evaluation.folders.toy={toy_folder}"]) == 0
     uri = f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("cifar4")
     runs = {r.data.tags["family"]: r for r in client.search_runs([experiment.experiment_id])}
-    return project, client, runs
+    return project, client, runs, printed.getvalue()
 
 
 @pytest.fixture
 def trained(trained_project, monkeypatch):
     """(client, runs) of the shared training, with this test working in its project."""
-    project, client, runs = trained_project
+    project, client, runs, _ = trained_project
     monkeypatch.setenv("PIPELINE_HOME", str(project))
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(project / "cache"))
     monkeypatch.chdir(project)
@@ -149,10 +153,16 @@ def test_evaluate_scores_the_champion(trained, toy_folder, capsys):
     assert run.data.metrics["eval/acc"] > 0.5
 
 
-def test_wrong_data_folder_is_one_clear_sentence(tmp_path, capsys):
+def test_wrong_data_folder_is_one_clear_sentence(tmp_path, toy_folder, capsys):
     assert main(["train", "--data", str(tmp_path / "missing"), "--models", "lenet"]) == 2
     err = capsys.readouterr().err
     assert "error: Data folder" in err and "missing' does not exist." in err and "Traceback" not in err
+    # An evaluation folder is checked before any training, not after the last epoch.
+    assert main(["train", "--data", str(toy_folder), "--models", "lenet",
+                 "--set", f"evaluation.folders.photos={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "Evaluation folder 'photos'" in err and "does not exist or is not a folder." in err
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained
 
 
 def test_ddp_trains_the_airbench_families_past_the_whitening_freeze(toy_folder, isolated_project):
@@ -174,18 +184,17 @@ def test_ddp_trains_the_airbench_families_past_the_whitening_freeze(toy_folder, 
     assert client.get_model_version_by_alias("cifar4-classifier", "champion").run_id in {r.info.run_id for r in runs}
 
 
-def test_logs_get_one_line_per_epoch_and_terminals_keep_the_bar(toy_folder, capsys):
-    import io
-
+def test_logs_get_one_line_per_epoch_and_terminals_keep_the_bar(trained_project):
     from lightning.pytorch.callbacks import RichProgressBar
 
     from pipeline.progress import EpochLines, progress_callback
 
-    assert main(["train", "--data", str(toy_folder), "--models", "lenet", "--epochs", "3",
-                 "--set", "data.batch_size=32"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lenet epoch ")]
-    assert [line.split(":")[0] for line in lines] == ["lenet epoch 1/3", "lenet epoch 2/3", "lenet epoch 3/3"]
-    assert all("train loss" in line and "val loss" in line and " acc 0." in line and "ETA" in line for line in lines)
+    printed = trained_project[3]  # the shared run's output, written to a file-like (not a terminal)
+    for family in ("lenet", "resnet"):
+        lines = [line for line in printed.splitlines() if line.startswith(f"{family} epoch ")]
+        assert [line.split(":")[0] for line in lines] == [f"{family} epoch {i}/8" for i in range(1, 9)]
+        assert all("train loss" in line and "val loss" in line and " acc " in line and "ETA" in line
+                   for line in lines)
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -202,3 +202,13 @@ def test_the_threshold_keeps_the_share_of_every_source():
     for source in (0, 1):
         assert np.mean(scores[sources == source] <= each) >= 0.95
     assert threshold_for(scores, 0.95, np.zeros(len(scores))) == pooled  # one source: as before
+
+
+def test_the_export_check_allows_for_the_combined_scores_scale():
+    """A combined score divides by validation spreads: the check's tolerance grows by as much, not more."""
+    from pipeline.scope import CombinedScore, EnergyScore, score_tolerance
+
+    bank = NearestNeighbourScore(torch.randn(20, 8), k=1)
+    assert score_tolerance(None) == score_tolerance(EnergyScore()) == score_tolerance(bank) == 1e-4
+    assert score_tolerance(CombinedScore(bank, (0.0, 5.0), (0.1, 0.001))) == pytest.approx(0.1)
+    assert score_tolerance(CombinedScore(bank, (0.0, 5.0), (0.1, 2.0))) == 1e-4

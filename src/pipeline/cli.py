@@ -35,20 +35,20 @@ def _train(args: argparse.Namespace) -> int:
 
     families = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else available_models()
     overrides = list(args.set or [])
-    data_dir = args.data
-    if data_dir is None:  # data.sources of the config, else the CIFAR-10 download
+    data_dir, sources = args.data, args.data
+    if data_dir is None:  # data.sources of the config (with their weights and exclusions), else CIFAR-10
         from pipeline.config import resolve_config
 
-        configured = resolve_config(families[0], choose_profile(args.profile), overrides).data.sources
-        data_dir = ",".join(f"{s['path']}:{s.get('weight', 1.0)}" if isinstance(s, dict) else str(s) for s in configured)
-    if not data_dir:
-        data_dir = str(DEFAULT_DATA)
+        sources = resolve_config(families[0], choose_profile(args.profile), overrides).data.sources
+        data_dir = ""  # the data module reads data.sources itself
+    if not sources:
+        data_dir = sources = str(DEFAULT_DATA)
         if not (DEFAULT_DATA / "train").is_dir():
             from pipeline.download import download_cifar4
 
             console.print(f"No --data given: downloading CIFAR-10's bird, boat, cat, dog into {data_dir}")
             download_cifar4(DEFAULT_DATA)
-    check_data_folders(data_dir)  # fail before anything else when a folder is wrong
+    check_data_folders(sources)  # fail before anything else when a folder is wrong
     if args.profile == "auto" and (problem := unusable_gpu()) and rank_zero_only.rank == 0:
         errors.print(f"[bold yellow]warning:[/] {problem}", highlight=False)
     if args.epochs is not None:

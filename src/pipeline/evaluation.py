@@ -81,17 +81,24 @@ class EvalFolder:
         return self.labels is not None
 
 
+def check_eval_folders(folders: dict[str, str]) -> None:
+    """One sentence for an ``evaluation.folders`` entry that is not a folder (checked before training)."""
+    from pipeline.errors import DataError
+
+    for name, path in folders.items():
+        if not Path(path).expanduser().is_dir():
+            raise DataError(f"Evaluation folder {name!r} ({str(path)!r}) does not exist or is not a folder.")
+
+
 def load_eval_folder(name: str, path: str | Path, classes: list[str], size: int) -> EvalFolder:
     """Decode a folder for evaluation. Its subfolders all named after classes: labelled; otherwise every
     image under it, at any depth, is taken as out of scope."""
     from pipeline.data import load_image_folder
-    from pipeline.errors import DataError
     from pipeline.predict import find_images
     from pipeline.runtime.imaging import decode_image
 
+    check_eval_folders({name: str(path)})
     path = Path(path).expanduser()
-    if not path.is_dir():
-        raise DataError(f"Evaluation folder {name!r} ({str(path)!r}) does not exist or is not a folder.")
     subfolders = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
     if subfolders and subfolders <= set(classes):
         # Labelled, with any of the classes (one is enough: a folder of dogs); the rest of the file

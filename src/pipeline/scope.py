@@ -71,6 +71,14 @@ class CombinedScore(nn.Module):
         return torch.maximum(energy, distance)
 
 
+def score_tolerance(scorer: nn.Module | None, raw: float = 1e-4) -> float:
+    """How far model.onnx's scores may drift from torch's: ``raw`` in the raw units (energy, cosine distance).
+    The combined score divides by validation standard deviations, which scales float32 rounding up by as
+    much (a toy run's kNN spread of 1e-3 turned 1e-7 into 1.4e-4)."""
+    stats = getattr(scorer, "stats", None)
+    return raw if stats is None else raw / min(1.0, float(stats[1]), float(stats[3]))
+
+
 class Deployed(nn.Module):
     """What model.onnx computes: calibrated probabilities and, with a scorer, the out-of-scope score."""
 

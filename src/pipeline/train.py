@@ -65,7 +65,7 @@ def train_family(config: Config, data_dir: str, experiment: str, tracking_uri: s
     L.seed_everything(config.seed, workers=True, verbose=False)
     dm = ImageFolderDataModule(data_dir, config.data)
     module = LitClassifier.from_config(config, dm)
-    run = RunBookkeeping(config, data_dir, dm, experiment, tracking_uri, resume, parent_run_id, run_name, tags)
+    run = RunBookkeeping(config, dm.data_dir, dm, experiment, tracking_uri, resume, parent_run_id, run_name, tags)
     fit = make_trainer(config, run.logger, run.checkpoint_dir, (run, *callbacks))
     fit.trainer.fit(module, datamodule=dm, ckpt_path=run.ckpt_path)
     # Test scores come from rank 0 in publish_run, on the checkpoint it wrote itself: with several
@@ -82,13 +82,16 @@ def train_families(families: list[str], profile: str, data_dir: str, overrides: 
     """``pipeline train``: each family in turn, then the best finished run of the experiment becomes the champion."""
     from pipeline.champion import crown
     from pipeline.config import resolve_config
+    from pipeline.evaluation import check_eval_folders
     from pipeline.tracking import setup_tracking
 
     configs = [resolve_config(family, profile, overrides) for family in families]
+    for config in configs:  # before any training: a wrong folder costs a sentence, not a run
+        check_eval_folders(config.evaluation.folders)
     experiment = experiment or configs[0].tracking.experiment
     uri, experiment_id = setup_tracking(experiment, nodes=max(c.trainer.num_nodes for c in configs))
     if rank_zero_only.rank == 0:
-        console.print(f"Profile [bold]{profile}[/], models {', '.join(families)}, data {data_dir}, "
+        console.print(f"Profile [bold]{profile}[/], models {', '.join(families)}, data {data_dir or 'data.sources'}, "
                       f"tracking {uri} (experiment {experiment!r})")
     results = []
     for config in configs:

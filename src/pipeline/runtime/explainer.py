@@ -1,7 +1,8 @@
 """Run explain.onnx with ONNX Runtime and turn its outputs into pictures (no torch).
 
-``explain.onnx`` and ``explain.json`` are written by ``pipeline package`` from the
-model's state_dict (see :mod:`pipeline.explain_graph`).
+``explain.onnx`` and ``explain.json`` are written when a run logs its model (:mod:`pipeline.explain_graph`)
+and travel with it; packaging and the registry follower copy them. The output names are read from
+``explain.json``.
 """
 
 from __future__ import annotations
