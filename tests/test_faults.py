@@ -19,6 +19,13 @@ from mlflow.tracking import MlflowClient
 from pipeline.export import rebuild_classifier
 
 
+# The resume tests' run: a narrow ResNet-9 with the full recipe (whitening, Muon, lookahead), killed after
+# two of its epochs; each epoch writes the checkpoints and logs, so every one of them counts.
+EPOCHS = 16
+RESUMABLE = ["--models", "resnet", "--epochs", str(EPOCHS), "--set", "data.batch_size=32",
+             "--set", "model.args.widths=[16,32,32]"]
+
+
 class Exploit:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ.get('EXPLOIT_MARKER', '/tmp/pwned')}",))
@@ -69,8 +76,7 @@ def test_unreachable_tracking_server_is_one_sentence_in_seconds(toy_folder, isol
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_into_the_same_mlflow_run(toy_folder, isolated_project):
-    args = [sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), "--models", "resnet",
-            "--epochs", "40", "--set", "data.batch_size=32", "--set", "model.args.widths=[16,32,32]"]
+    args = [sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), *RESUMABLE]
     env = {**os.environ, "PIPELINE_HOME": str(isolated_project)}
     process = subprocess.Popen(args, env=env, cwd=isolated_project, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
@@ -82,7 +88,7 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run(toy_folder, isolated_proj
     (killed,) = client.search_runs([client.get_experiment_by_name("cifar4").experiment_id])
     assert killed.info.status == "RUNNING"  # nobody could mark it otherwise
     done = len(client.get_metric_history(killed.info.run_id, "val/acc"))
-    assert 2 <= done < 40
+    assert 2 <= done < EPOCHS
 
     resumed = subprocess.run([*args, "--resume"], env=env, cwd=isolated_project, capture_output=True, text=True,
                              timeout=300)
@@ -92,7 +98,7 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run(toy_folder, isolated_proj
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "val/acc")
     steps = [m.step for m in history]
-    assert len(history) == 40 and len(set(steps)) == 40, steps  # every epoch, once each
+    assert len(history) == EPOCHS and len(set(steps)) == EPOCHS, steps  # every epoch, once each
     assert run.data.metrics["best_val_acc"] > 0.5
     assert client.get_model_version_by_alias("cifar4-classifier", "champion").run_id == run.info.run_id
 
@@ -129,8 +135,7 @@ def test_tracking_server_lost_mid_run_keeps_checkpoints_and_resumes(toy_folder, 
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PIPELINE_HOME": str(isolated_project),
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    args = [sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), "--models", "resnet",
-            "--epochs", "40", "--set", "data.batch_size=32", "--set", "model.args.widths=[16,32,32]"]
+    args = [sys.executable, "-m", "pipeline", "train", "--data", str(toy_folder), *RESUMABLE]
     server = start_mlflow_server(store, port)
     try:
         training = subprocess.Popen(args, env=env, cwd=isolated_project, stdout=subprocess.PIPE,

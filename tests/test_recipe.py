@@ -282,10 +282,3 @@ def test_muon_orthogonalises_the_filter_step_and_keeps_the_rest_sgd():
     assert (filters.detach() - normalised).norm() < 0.1 * 1.6 * 16 ** 0.5  # a bounded step, not 1000x the gradient
     torch.testing.assert_close(bias.detach(), torch.full((16,), -0.95))  # SGD-Nesterov: -lr (g + 0.9 g) at the first step
     assert "momentum_buffer" in optimizer.state[filters] and "momentum_buffer" in optimizer.state[bias]
-
-
-def test_the_airbench_recipe_trains_with_muon(toy_folder, isolated_project):
-    from pipeline.cli import main
-
-    assert main(["train", "--data", str(toy_folder), "--models", "resnet", "--profile", "cpu", "--epochs", "2",
-                 "--set", "data.batch_size=32", "--set", "model.args.widths=[8,16,16]", "--set", "optim.muon=true"]) == 0
