@@ -41,6 +41,23 @@ def test_the_fitted_temperature_is_the_one_that_made_the_labels():
     assert after["acc"] == before["acc"]  # one temperature never changes the answer
 
 
+def test_a_large_source_does_not_set_the_temperature_alone():
+    """Two sources whose images want different temperatures (1 and 3), one nine times the other's size: the
+    pooled fit lands near the large one's; the source-balanced fit between them, and it calibrates the small
+    source better at a small cost to the large one."""
+    rng = np.random.default_rng(2)
+    big, small = rng.normal(0, 3, (18000, 4)), rng.normal(0, 3, (2000, 4))
+    labels = np.concatenate([sampled_labels(softmax(big / 1.0), rng), sampled_labels(softmax(small / 3.0), rng)])
+    logits, groups = np.concatenate([big, small]), np.repeat([0, 1], [18000, 2000])
+    pooled = fit_temperature(logits, labels)
+    balanced = fit_temperature(logits, labels, groups=groups)
+    assert pooled < 1.35 < 1.5 < balanced < 2.5
+    ece = lambda t, g: calibration_scores(softmax(logits[groups == g] / t), labels[groups == g])["ece"]  # noqa: E731
+    assert ece(balanced, 1) < ece(pooled, 1) - 0.05
+    assert max(ece(balanced, 0), ece(balanced, 1)) < max(ece(pooled, 0), ece(pooled, 1))
+    assert fit_temperature(logits, labels, groups=np.zeros(len(labels))) == pytest.approx(pooled)
+
+
 def test_auroc_and_the_false_positive_rate_count_what_they_say():
     rng = np.random.default_rng(1)
     inside = rng.integers(0, 20, 300).astype(float)  # many ties

@@ -16,26 +16,32 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    return float(-log_softmax(np.asarray(logits, np.float64) / temperature)[np.arange(len(labels)), labels].mean())
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float, groups: np.ndarray | None = None) -> float:
+    """Mean negative log-likelihood of softmax(logits / T); with ``groups`` (one id per image), the mean over
+    groups of each group's mean, so that every group counts the same however many images it has."""
+    losses = -log_softmax(np.asarray(logits, np.float64) / temperature)[np.arange(len(labels)), labels]
+    if groups is None:
+        return float(losses.mean())
+    return float(np.mean([losses[groups == g].mean() for g in np.unique(groups)]))
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
-    """The temperature in [low, high] with the smallest NLL: golden-section search on log T (the NLL is
-    unimodal in T), to a relative precision of about 1e-5."""
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, high: float = 20.0,
+                    groups: np.ndarray | None = None) -> float:
+    """The temperature in [low, high] with the smallest NLL (with ``groups``, the mean over groups of their
+    NLLs): golden-section search on log T (the NLL is unimodal in T), to a relative precision of about 1e-5."""
     a, b = np.log(low), np.log(high)
     ratio = (np.sqrt(5) - 1) / 2
     c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = nll(logits, labels, np.exp(c)), nll(logits, labels, np.exp(d))
+    fc, fd = nll(logits, labels, np.exp(c), groups), nll(logits, labels, np.exp(d), groups)
     while b - a > 1e-5:
         if fc < fd:
             b, d, fd = d, c, fc
             c = b - ratio * (b - a)
-            fc = nll(logits, labels, np.exp(c))
+            fc = nll(logits, labels, np.exp(c), groups)
         else:
             a, c, fc = c, d, fd
             d = a + ratio * (b - a)
-            fd = nll(logits, labels, np.exp(d))
+            fd = nll(logits, labels, np.exp(d), groups)
     return float(np.exp((a + b) / 2))
 
 

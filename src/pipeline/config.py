@@ -273,6 +273,8 @@ class CheckpointSettings:
 class CalibrationSettings:
     """``calibration:``: how probabilities are made honest after training."""
     temperature: bool = setting(True, "fit softmax(logits / T) on the validation split; T goes into model.onnx")
+    balance_sources: bool = setting(True, "with several sources, T minimises the mean over sources of the validation "
+                                          "NLL, so the largest source does not set it alone (false: the pooled NLL)")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """After training: make a run's answers mean what they say, and measure how far they can be trusted.
 
 1. Fit a temperature on the validation split (:mod:`pipeline.calibration`): model.onnx divides the
-   TTA-averaged logits by it before the softmax.
+   TTA-averaged logits by it before the softmax. With several sources it minimises the mean over sources
+   of their NLLs (``calibration.balance_sources``), so photographs count as much as a larger CIFAR source.
 2. Add the out-of-scope score to the graph (:mod:`pipeline.scope`: the energy of the calibrated logits,
    the distance to a bank of training images' features, or the larger of the two in validation
    standard deviations) and set the threshold that keeps ``out_of_scope.keep`` of the validation
@@ -132,7 +133,10 @@ def make_trustworthy(config: Config, classifier: torch.nn.Module, dm) -> tuple[D
     scope = config.out_of_scope
     val_labels = dm.val_labels.cpu().numpy()
     val = outputs(classifier, dm.val_images.cpu())
-    temperature = fit_temperature(val.logits, val_labels) if config.calibration.temperature else 1.0
+    val_source = getattr(dm, "val_source", None)
+    val_source = None if val_source is None else val_source.cpu().numpy()
+    groups = val_source if config.calibration.balance_sources else None
+    temperature = fit_temperature(val.logits, val_labels, groups=groups) if config.calibration.temperature else 1.0
     classifier.temperature.fill_(temperature)
     described: dict[str, Any] = {"score": scope.score, "keep": scope.keep}
 
@@ -152,8 +156,7 @@ def make_trustworthy(config: Config, classifier: torch.nn.Module, dm) -> tuple[D
                                    (float(distance.mean()), float(distance.std())))
 
     val_scores = scored(scorer, val)
-    val_source = getattr(dm, "val_source", None)
-    threshold = threshold_for(val_scores, scope.keep, None if val_source is None else val_source.cpu().numpy())
+    threshold = threshold_for(val_scores, scope.keep, val_source)
     report = TrustReport(temperature, {**described, "threshold": threshold})
     metrics = report.metrics
     metrics.update({"temperature": temperature, "out_of_scope_threshold": threshold})
