@@ -27,9 +27,9 @@ run_suite() {  # which round: prints seconds, passed, skipped
   (cd "$dir" && PYTHONPATH=$dir/src "$PY" -m pytest -q -p no:cacheprovider >"$log" 2>&1) || true
   local secs; secs=$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }')
   local summary; summary=$(tail -1 "$log")
-  local passed; passed=$(grep -o '[0-9]* passed' <<<"$summary" | cut -d' ' -f1)
-  local skipped; skipped=$(grep -o '[0-9]* skipped' <<<"$summary" | cut -d' ' -f1)
-  local failed; failed=$(grep -o '[0-9]* failed' <<<"$summary" | cut -d' ' -f1)
+  count() { grep -o "[0-9]* $1" <<<"$summary" | cut -d' ' -f1 || true; }  # empty when pytest did not print it
+  local passed skipped failed
+  passed=$(count passed) skipped=$(count skipped) failed=$(count failed)
   printf '%-6s %-4s %8s %7s %8s %7s\n' "$round" "$which" "$secs" "${passed:-0}" "${skipped:-0}" "${failed:-0}"
   echo "$which $secs" >>"$logs/times"
 }
