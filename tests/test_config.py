@@ -81,7 +81,21 @@ def test_the_trainer_settings_are_lightning_arguments():
     from pipeline.config import TrainerSettings
 
     accepted = set(inspect.signature(L.Trainer.__init__).parameters)
-    assert set(TrainerSettings().arguments()) <= {f.name for f in dataclasses.fields(TrainerSettings)} <= accepted
+    own = set(TrainerSettings.OWN)
+    assert set(TrainerSettings().arguments()) <= {f.name for f in dataclasses.fields(TrainerSettings)} - own <= accepted
+    assert not own & accepted
+
+
+def test_an_epoch_scale_shortens_every_recipe_but_not_an_explicit_epoch_count():
+    from pipeline.config import resolve_config, resolve_with_origins
+
+    recipes = {family: resolve_config(family, "cpu").trainer.max_epochs for family in ("lenet", "vgg", "resnet")}
+    for family, epochs in recipes.items():
+        config, origins = resolve_with_origins(family, "cpu", ["trainer.epoch_scale=0.6"])
+        assert config.trainer.max_epochs == max(1, round(epochs * 0.6)) < epochs
+        assert "epoch_scale" in origins["trainer.max_epochs"] and "epoch_scale" not in config.trainer.arguments()
+    assert resolve_config("vgg", "cpu", ["trainer.epoch_scale=0.6", "trainer.max_epochs=3"]).trainer.max_epochs == 3
+    assert resolve_config("vgg", "cpu", ["trainer.epoch_scale=0.01"]).trainer.max_epochs == 1
 
 
 def test_no_default_is_written_twice():

@@ -129,6 +129,11 @@ def resolve_with_origins(family: str, profile: str, overrides: list[str] | None 
     resolved = Config.from_dict(config)
     if resolved.trainer.max_epochs is None:
         raise ConfigError(f"{model_file} must set trainer.max_epochs: the epochs are part of a family's recipe.")
+    scale = resolved.trainer.epoch_scale
+    if scale != 1 and origins.get("trainer.max_epochs") != "--set":  # a recipe's epochs; not an explicit --epochs
+        # every reader (the schedule, checkpoints, resume) sees the scaled number
+        resolved.trainer.max_epochs = max(1, round(resolved.trainer.max_epochs * scale))
+        origins["trainer.max_epochs"] = f"{origins.get('trainer.max_epochs', 'default')} x trainer.epoch_scale {scale:g}"
     return resolved, origins
 
 
@@ -218,6 +223,7 @@ class OptimSettings:
 @dataclass
 class TrainerSettings:
     """``trainer:``: the Lightning Trainer arguments this tool sets; None leaves Lightning's own default."""
+    OWN = ("epoch_scale",)  # read by this tool (resolve_with_origins), not passed to the Trainer
     accelerator: str = setting("auto", "cpu, gpu or auto")
     devices: Any = setting("auto", "how many (or which) devices of the accelerator")
     num_nodes: int = setting(1, "machines of a DDP run", within="[1, 4096]")
@@ -226,6 +232,9 @@ class TrainerSettings:
                                      "32-true, bf16-mixed or 16-mixed")
     max_epochs: Optional[int] = setting(None, "epochs of the run: part of a family's recipe, so each model YAML "
                                               "must set it", within="[1, 100000]")
+    epoch_scale: float = setting(1.0, "every family's max_epochs x this, rounded (at least 1): 0.6 fits a run on "
+                                      "CIFAR + photos + outliers into the CIFAR-only time (docs/training.md)",
+                                 within="(0, 100]")
     max_time: Optional[str] = setting(None, "stop after this long (DD:HH:MM:SS)")
     num_sanity_val_steps: int = setting(0, "validation batches run before training (0: none)")
     benchmark: Optional[bool] = setting(None, "cuDNN picks the fastest kernels for fixed shapes (GPU)")
@@ -238,7 +247,8 @@ class TrainerSettings:
 
     def arguments(self) -> dict[str, Any]:
         """The keyword arguments for ``L.Trainer`` (None left out, so Lightning's default applies)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None and f.name not in self.OWN}
 
 
 @dataclass
