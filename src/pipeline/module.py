@@ -138,7 +138,8 @@ class LitClassifier(L.LightningModule):
         if stage == "fit" and whiten is not None:
             # Patch-whitening filters from the training split (5,000 images are plenty; the same on every rank).
             # A resumed run then loads its own filters from the checkpoint over these.
-            sample = self.trainer.datamodule.train_images[:5000].float().div(255.0)
+            # On a GPU the data module holds the images in GPU memory: the filters are computed on the CPU.
+            sample = self.trainer.datamodule.train_images[:5000].cpu().float().div(255.0)
             whiten.init_from((sample - self.model.mean.cpu()) / self.model.std.cpu())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

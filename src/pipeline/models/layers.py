@@ -12,6 +12,18 @@ import torch
 from torch import nn
 
 
+class GlobalMaxPool(nn.AdaptiveMaxPool2d):
+    """``nn.AdaptiveMaxPool2d(1)`` computed as a max over height and width: the same numbers, and an ONNX
+    ReduceMax that every torch exporter knows (torch 2.11's has no function for ``adaptive_max_pool2d``;
+    seen on the GPU machine)."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3), keepdim=True)
+
+
 class PatchWhitening(nn.Conv2d):
     """2x2 conv whose filters whiten the image patches (airbench's first layer).
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.models import register
-from pipeline.models.layers import PatchWhitening, Residual, Scale, activation, conv3x3, conv_pool_norm
+from pipeline.models.layers import GlobalMaxPool, PatchWhitening, Residual, Scale, activation, conv3x3, conv_pool_norm
 
 
 class BasicBlock(nn.Module):
@@ -95,7 +95,7 @@ class ResNet9(nn.Module):
         self.layer1 = nn.Sequential(*conv_pool_norm(self.whiten.out_channels, w1, act), Residual(w1, act))
         self.layer2 = nn.Sequential(*conv_pool_norm(w1, w2, act))
         self.layer3 = nn.Sequential(*conv_pool_norm(w2, w3, act), Residual(w3, act))
-        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        self.head = nn.Sequential(GlobalMaxPool(), nn.Flatten(),
                                   nn.Linear(w3, num_classes, bias=False), Scale(logit_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

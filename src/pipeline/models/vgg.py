@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.models import register
 
-from pipeline.models.layers import PatchWhitening, Scale, activation, conv_pool_norm
+from pipeline.models.layers import GlobalMaxPool, PatchWhitening, Scale, activation, conv_pool_norm
 
 # Numbers are conv widths, "M" is a 2x2 max-pool.
 CFGS: dict[str, list[Union[int, str]]] = {
@@ -52,7 +52,7 @@ class VGG(nn.Module):
         width = [c for c in CFGS[cfg] if isinstance(c, int)][-1]
         # Global pooling keeps the head independent of the input size.
         self.classifier = nn.Sequential(
-            nn.AdaptiveMaxPool2d(1),
+            GlobalMaxPool(),
             nn.Flatten(),
             nn.Dropout(dropout),
             nn.Linear(width, num_classes),
@@ -92,7 +92,7 @@ class AirbenchVGG(nn.Module):
                                         *conv_pool_norm(int(width), int(width), act, pool=False)))
             channels = int(width)
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        self.head = nn.Sequential(GlobalMaxPool(), nn.Flatten(),
                                   nn.Linear(channels, num_classes, bias=False), Scale(logit_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
