@@ -54,21 +54,38 @@ def test_probabilities_match_the_in_process_model(served, toy_folder):
         assert raw.status_code == 200 and raw.json()["probabilities"] == body["probabilities"]
 
 
+def answer_counts(url: str) -> dict[tuple[str, str], float]:
+    """/metrics' classifier_answers_total by (label, out_of_scope), summed over the workers."""
+    counts: dict[tuple[str, str], float] = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("classifier_answers_total{"):
+            labels, value = line[len("classifier_answers_total{"):].rsplit("} ", 1)
+            fields = dict(item.split("=", 1) for item in labels.split(","))
+            key = (fields["label"].strip('"'), fields["out_of_scope"].strip('"'))
+            counts[key] = counts.get(key, 0.0) + float(value)
+    return counts
+
+
 def test_every_answer_carries_the_flag_and_metrics_count_what_users_send(served, toy_folder):
     """Whether noise is flagged is a property of the model (test_training checks it on the champion);
-    here: every answer has both fields, and /metrics counts answers by label and flag."""
+    here: every answer has both fields, and /metrics counts each answer once, under its label and flag."""
     url, model, _ = served
+    before = answer_counts(url)
     rng = np.random.default_rng(0)
     noise = [encode(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "PNG") for _ in range(8)]
     results = httpx.post(f"{url}/classify_batch", files=[("images", (f"{i}.png", d, "image/png"))
                                                           for i, d in enumerate(noise)]).json()["results"]
     toy = [httpx.post(f"{url}/classify", files={"image": p.open("rb")}).json() for p in toy_files(toy_folder)]
+    sent: dict[tuple[str, str], float] = {}
     for answer in results + toy:
         assert isinstance(answer["out_of_scope"], bool) and isinstance(answer["out_of_scope_score"], float)
         assert answer["out_of_scope"] is (answer["out_of_scope_score"] > model.scope_threshold)
-    metrics = httpx.get(f"{url}/metrics").text
-    assert 'classifier_answers_total{label="' in metrics and 'out_of_scope="true"' in metrics
-    assert "classifier_top_probability_bucket" in metrics
+        key = (answer["label"], str(answer["out_of_scope"]).lower())
+        sent[key] = sent.get(key, 0.0) + 1
+    after = answer_counts(url)
+    assert {key: after.get(key, 0.0) - before.get(key, 0.0) for key in set(after) | set(before)
+            if after.get(key, 0.0) != before.get(key, 0.0)} == sent
+    assert "classifier_top_probability_bucket" in httpx.get(f"{url}/metrics").text
 
 
 def test_the_model_classifies_the_toy_set(served, toy_folder):
