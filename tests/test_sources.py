@@ -180,6 +180,9 @@ def test_a_run_of_two_sources_and_outliers_reports_each_and_flags_unseen_outlier
     assert [s["name"] for s in meta["sources"]] == ["cifarish", "photoish"]
     assert meta["sources"][1]["test_acc"] == pytest.approx(metrics["source/photoish/test_acc"])
     assert meta["outliers"]["classes"] == 10 and meta["outliers"]["test_auroc"] == pytest.approx(metrics["outliers/test/auroc"])
+    # With outliers in training the temperature's slope on the top logit is fitted too, and travels with the model.
+    assert meta["calibration"]["base"] == pytest.approx(metrics["temperature"])
+    assert meta["calibration"]["slope"] == pytest.approx(metrics["temperature_slope"]) and meta["calibration"]["std"] > 0
 
 
 def test_download_photos_writes_both_sets_from_an_archive(tmp_path):

@@ -120,7 +120,9 @@ def test_training_logs_runs_models_and_champion(trained, trained_project, toy_fo
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's "Model training" mode
     info = mlflow.models.get_model_info("models:/cifar4-classifier@champion")
     assert info.metadata["classes"] == ["bird", "boat", "cat", "dog"]
-    assert {"mean", "std", "image_size", "arch", "model_args", "temperature"} <= set(info.metadata)
+    assert {"mean", "std", "image_size", "arch", "model_args", "temperature", "calibration"} <= set(info.metadata)
+    assert info.metadata["calibration"]["base"] == pytest.approx(best.data.metrics["temperature"])
+    assert best.data.metrics["temperature_slope"] == 0.0  # no outliers in training: one number (by_confidence: auto)
     assert info.metadata["out_of_scope"]["threshold"] == pytest.approx(best.data.metrics["out_of_scope_threshold"])
 
     # Loaded back through MLflow, without the training code: same probabilities as the trained net.
@@ -134,8 +136,14 @@ def test_training_logs_runs_models_and_champion(trained, trained_project, toy_fo
     checkpoint = project / "checkpoints" / "cifar4" / best.info.run_id / "last.ckpt"
     net = LitClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).model.eval()
     with torch.inference_mode():
-        # model.onnx divides the logits by the temperature fitted on the validation split.
-        expected = torch.softmax(net(images.float() / 255.0) / best.data.metrics["temperature"], dim=1).numpy()
+        logits = net(images.float() / 255.0).double().numpy()
+    # model.onnx divides the logits by the temperature fitted on the validation split: T0 x exp(slope x the
+    # z-score of the image's top logit), written out here from the numbers in the model's metadata.
+    shape = info.metadata["calibration"]
+    top = (logits.max(axis=1) - shape["mean"]) / shape["std"]
+    calibrated = logits / (best.data.metrics["temperature"] * np.exp(best.data.metrics["temperature_slope"] * top))[:, None]
+    expected = np.exp(calibrated - calibrated.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 

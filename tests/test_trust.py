@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.calibration import fit_temperature
+from pipeline.calibration import Temperature, fit_temperature, fit_temperature_by_confidence
 from pipeline.calibration import calibration_scores
 from pipeline.evaluation import auroc, fpr_at_tpr
 from pipeline.models import build_model, discover
@@ -56,6 +56,50 @@ def test_a_large_source_does_not_set_the_temperature_alone():
     assert ece(balanced, 1) < ece(pooled, 1) - 0.05
     assert max(ece(balanced, 0), ece(balanced, 1)) < max(ece(pooled, 0), ece(pooled, 1))
     assert fit_temperature(logits, labels, groups=np.zeros(len(labels))) == pytest.approx(pooled)
+
+
+def test_a_temperature_that_grows_with_the_top_logit_calibrates_what_one_number_cannot():
+    """Labels drawn as a net trained with outlier exposure answers: too flat where it is unsure and sharp where
+    it is sure, T = 0.7 x exp(0.4 x the top logit's z-score). One number leaves both ends off; the fitted
+    shape finds the rule, calibrates both ends, and never changes an answer. Labels from one T give slope ~0."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2.5, (30000, 4))
+    top = logits.max(axis=1)
+    made = Temperature(0.7, 0.4, float(top.mean()), float(top.std()))
+    labels = sampled_labels(softmax(made.apply(logits)), rng)
+    fitted = fit_temperature_by_confidence(logits, labels)
+    assert fitted.slope == pytest.approx(0.4, abs=0.06) and fitted.base == pytest.approx(0.7, rel=0.06)
+    flat = fit_temperature(logits, labels)
+    one, shaped = softmax(logits / flat), softmax(fitted.apply(logits))
+    assert calibration_scores(shaped, labels)["ece"] < 0.015 < 0.03 < calibration_scores(one, labels)["ece"]
+    assert calibration_scores(shaped, labels)["nll"] < calibration_scores(one, labels)["nll"]
+    assert np.array_equal(shaped.argmax(axis=1), logits.argmax(axis=1))
+    # Where the unsure half is: one number makes it underconfident; the shape does not.
+    unsure = top < np.median(top)
+    for probabilities, gap in ((one, 0.04), (shaped, -0.015)):
+        right = (probabilities.argmax(axis=1) == labels)[unsure].mean()
+        assert right - probabilities.max(axis=1)[unsure].mean() > gap
+    plain = sampled_labels(softmax(logits / 1.5), rng)
+    again = fit_temperature_by_confidence(logits, plain)
+    assert abs(again.slope) < 0.05 and again.base == pytest.approx(1.5, rel=0.05)
+
+
+def test_the_shaped_temperature_is_inside_the_exported_graph(tmp_path):
+    from pipeline.export import export_onnx
+    from pipeline.runtime.onnx_model import OnnxClassifier
+
+    torch.manual_seed(0)
+    classifier = Classifier(build_model("lenet", 4), [0.5] * 3, [0.25] * 3, tta=1).eval()
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = classifier(images.float() / 255).double().numpy()
+    shape = Temperature(0.6, 0.5, float(logits.max(axis=1).mean()), float(logits.max(axis=1).std()) + 1e-3)
+    classifier.set_temperature(shape)
+    model = OnnxClassifier(export_onnx(classifier, 32, tmp_path / "model.onnx"), {"classes": list("abcd"),
+                                                                                   "image_size": 32})
+    probabilities = model.predict(images.numpy())[0]
+    np.testing.assert_allclose(probabilities, softmax(shape.apply(logits)), atol=1e-5)
+    assert not np.allclose(probabilities, softmax(logits / 0.6), atol=1e-3)  # the slope is in the graph
 
 
 def test_auroc_and_the_false_positive_rate_count_what_they_say():

@@ -285,6 +285,10 @@ class CalibrationSettings:
     temperature: bool = setting(True, "fit softmax(logits / T) on the validation split; T goes into model.onnx")
     balance_sources: bool = setting(True, "with several sources, T minimises the mean over sources of the validation "
                                           "NLL, so the largest source does not set it alone (false: the pooled NLL)")
+    by_confidence: str = setting("auto", "T grows with the image's top logit, T0 x exp(slope x its z-score), both "
+                                       "fitted: auto (with outliers in training), always or never (docs/trust.md: "
+                                       "with outliers ECE 0.032 -> 0.026 CIFAR, 0.057 -> 0.046 photos out of "
+                                       "sample; without, slope ~0)", choices=("auto", "always", "never"))
 
 
 @dataclass

@@ -131,7 +131,7 @@ class ExplainNet(nn.Module):
         tta = getattr(self.classifier, "tta", 0)
         if tta:  # the probabilities are model.onnx's (averaged over the TTA views); the pictures are of the image
             logits = self.classifier.logits(images, tta)
-        probabilities = torch.softmax(logits / self.classifier.temperature, dim=-1)
+        probabilities = torch.softmax(self.classifier.calibrate(logits), dim=-1)
         return (probabilities, responses, *maps, gradcam(x, grad))
 
 

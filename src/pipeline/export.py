@@ -15,6 +15,7 @@ import torch
 from mlflow.models import infer_signature
 from torch import nn
 
+from pipeline.calibration import Temperature
 from pipeline.explain_graph import export_checked_explain
 from pipeline.models import build_model, load_family_module
 from pipeline.runtime.model_folder import EXPLAIN_JSON, EXPLAIN_ONNX, METADATA_FILE, ONNX_FILE
@@ -114,6 +115,7 @@ def rebuild_classifier(weights_path: Path, metadata: dict[str, Any]) -> nn.Modul
     load_family_module(metadata.get("model_module", ""))
     net = build_model(metadata["arch"], len(metadata["classes"]), **metadata.get("model_args", {}))
     classifier = Classifier(net, metadata["mean"], metadata["std"], tta=int(metadata.get("tta", 0)),
-                            temperature=float(metadata.get("temperature", 1.0)))
+                            temperature=Temperature(**metadata["calibration"]) if "calibration" in metadata
+                            else float(metadata.get("temperature", 1.0)))
     classifier.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return classifier.eval()

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from pipeline.calibration import Temperature
 from pipeline.config import Config, ModelSettings, OptimSettings, check_section
 from pipeline.models import build_model, load_family_module
 from pipeline.recipe import Lookahead, MuonSGD, lr_factor, optimizer_groups, tta_logits, tta_views
@@ -32,19 +33,22 @@ class Classifier(nn.Module):
     """Normalization + network: takes float images in [0, 1], returns logits.
 
     This is the deployable unit: exported to ONNX (with its temperature and a softmax) it needs
-    nothing from the training code. ``temperature`` divides the logits before the softmax; it is
-    fitted on the validation split after training (:mod:`pipeline.calibration`) and travels in the
-    model's metadata, not in the state_dict.
+    nothing from the training code. The temperature divides the logits before the softmax
+    (:meth:`calibrate`); it is fitted on the validation split after training (:mod:`pipeline.calibration`)
+    and travels in the model's metadata, not in the state_dict.
     """
 
     def __init__(self, net: nn.Module, mean: list[float], std: list[float], tta: int = ModelSettings.tta,
-                 temperature: float = 1.0) -> None:
+                 temperature: Temperature | float = 1.0) -> None:
         super().__init__()
         self.net = net
         self.tta = int(tta)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
+        # T(z) = temperature * exp(slope * (max(z) - mean) / std) (calibration.Temperature); slope 0: one number.
+        self.register_buffer("temperature", torch.tensor(1.0), persistent=False)
+        self.register_buffer("temperature_shape", torch.tensor([0.0, 0.0, 1.0]), persistent=False)
+        self.set_temperature(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits; in eval mode averaged over the TTA views (``self.tta``)."""
@@ -67,9 +71,21 @@ class Classifier(nn.Module):
         features = (features * weight[:, None, None]).sum(0)
         return features, tail(features)
 
+    def set_temperature(self, temperature: Temperature | float) -> None:
+        """Take a fitted :class:`pipeline.calibration.Temperature` (or one number)."""
+        t = temperature if isinstance(temperature, Temperature) else Temperature(float(temperature))
+        self.temperature.fill_(t.base)
+        self.temperature_shape.copy_(torch.tensor([t.slope, t.mean, t.std]))
+
+    def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits / T(logits)``: every logit of an image divided by the same number, so the answer stays."""
+        slope, mean, std = self.temperature_shape
+        top = logits.amax(dim=-1, keepdim=True)
+        return logits / (self.temperature * torch.exp(slope * (top - mean) / std))
+
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Calibrated softmax probabilities: what model.onnx, /classify and every report give."""
-        return torch.softmax(self(images) / self.temperature, dim=-1)
+        return torch.softmax(self.calibrate(self(images)), dim=-1)
 
 
 def outlier_loss(outlier_logits: torch.Tensor, kind: str, inside_logits: torch.Tensor | None = None,

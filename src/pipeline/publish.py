@@ -72,7 +72,8 @@ def publish_run(config: Config, dm: ImageFolderDataModule, checkpoint: ModelChec
         "input": "float32 (N, 3, H, W) RGB in [0, 1]",
         "output": "calibrated softmax probabilities (N, classes); out_of_scope_score (N,): higher is further "
                   "from the training images",
-        "data_fingerprint": dm.fingerprint, "temperature": trust.temperature,
+        "data_fingerprint": dm.fingerprint, "temperature": trust.temperature.base,
+        "calibration": trust.temperature.metadata(),
         "out_of_scope": trust.scope_metadata,
         "sources": [{"name": source.name, "path": str(source.path), "weight": source.weight,
                      **{f"test_{key}": trust.metrics[f"source/{source.name}/test_{key}"] for key in ("acc", "balanced_acc", "ece")

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.calibration import Temperature
+
 
 SCORES = ("combined", "energy", "knn")
 
@@ -90,7 +92,7 @@ class Deployed(nn.Module):
         if self.scorer is None:
             return self.classifier.probabilities(images)
         features, logits = self.classifier.features_and_logits(images)
-        calibrated = logits / self.classifier.temperature
+        calibrated = self.classifier.calibrate(logits)
         return torch.softmax(calibrated, dim=-1), self.scorer(features, calibrated)
 
 
@@ -101,8 +103,14 @@ class Outputs:
     logits: np.ndarray
     features: torch.Tensor
 
-    def probabilities(self, temperature: float = 1.0) -> np.ndarray:
-        z = self.logits / temperature
+    def calibrated(self, temperature: Temperature | float = 1.0) -> np.ndarray:
+        """The logits divided by their temperature (one number, or a fitted :class:`Temperature`)."""
+        if isinstance(temperature, Temperature):
+            return temperature.apply(self.logits)
+        return self.logits / temperature
+
+    def probabilities(self, temperature: Temperature | float = 1.0) -> np.ndarray:
+        z = self.calibrated(temperature)
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)

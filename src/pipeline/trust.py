@@ -1,8 +1,10 @@
 """After training: make a run's answers mean what they say, and measure how far they can be trusted.
 
 1. Fit a temperature on the validation split (:mod:`pipeline.calibration`): model.onnx divides the
-   TTA-averaged logits by it before the softmax. With several sources it minimises the mean over sources
-   of their NLLs (``calibration.balance_sources``), so photographs count as much as a larger CIFAR source.
+   TTA-averaged logits by it before the softmax. With outliers in training it grows with the image's top
+   logit (``calibration.by_confidence``: sure answers are sharpened less than unsure ones). With several sources
+   it minimises the mean over sources of their NLLs (``calibration.balance_sources``), so photographs count
+   as much as a larger CIFAR source.
 2. Add the out-of-scope score to the graph (:mod:`pipeline.scope`: the energy of the calibrated logits,
    the distance to a bank of training images' features, or the larger of the two in validation
    standard deviations) and set the threshold that keeps ``out_of_scope.keep`` of the validation
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from pipeline.calibration import calibration_scores, fit_temperature
+from pipeline.calibration import Temperature, calibration_scores, fit_temperature, fit_temperature_by_confidence
 from pipeline.config import Config
 from pipeline.evaluation import auroc, fpr_at_tpr, labelled_metrics, score_folders
 from pipeline.scope import (
@@ -32,7 +34,7 @@ from pipeline.scope import (
 
 @dataclass
 class TrustReport:
-    temperature: float
+    temperature: Temperature
     scope_metadata: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
     curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # split -> before/after/labels
@@ -40,7 +42,7 @@ class TrustReport:
 
     def table(self, family: str) -> Table:
         m = self.metrics
-        table = Table(title=f"{family}: calibration (temperature {self.temperature:.3f}) and out-of-scope "
+        table = Table(title=f"{family}: calibration (temperature {self.temperature}) and out-of-scope "
                             f"(threshold {self.scope_metadata['threshold']:.4f})")
         for column in ("split", "acc", "ECE before", "ECE", "NLL before", "NLL", "flagged out of scope"):
             table.add_column(column, justify="right")
@@ -75,7 +77,8 @@ class TrustReport:
     def plot(self, path: Path, family: str) -> Path:
         from pipeline.plots import plot_reliability
 
-        return plot_reliability(self.curves, path, f"{family}: reliability (T = {self.temperature:.3f})")
+        return plot_reliability(self.curves, path, f"{family}: reliability (T = {self.temperature.base:.3f}"
+                                + (")" if not self.temperature.slope else f", slope {self.temperature.slope:+.2f})"))
 
 
 def source_metrics(dm, split: str, probabilities: np.ndarray, labels: np.ndarray,
@@ -136,13 +139,20 @@ def make_trustworthy(config: Config, classifier: torch.nn.Module, dm) -> tuple[D
     val_source = getattr(dm, "val_source", None)
     val_source = None if val_source is None else val_source.cpu().numpy()
     groups = val_source if config.calibration.balance_sources else None
-    temperature = fit_temperature(val.logits, val_labels, groups=groups) if config.calibration.temperature else 1.0
-    classifier.temperature.fill_(temperature)
+    calibration = config.calibration
+    temperature = Temperature()
+    shaped = calibration.by_confidence == "always" or (calibration.by_confidence == "auto"
+                                                         and bool(getattr(dm, "outlier_dirs", None)))
+    if calibration.temperature and shaped:
+        temperature = fit_temperature_by_confidence(val.logits, val_labels, groups=groups)
+    elif calibration.temperature:
+        temperature = Temperature(fit_temperature(val.logits, val_labels, groups=groups))
+    classifier.set_temperature(temperature)
     described: dict[str, Any] = {"score": scope.score, "keep": scope.keep}
 
     def scored(scorer: torch.nn.Module, out: Outputs) -> np.ndarray:
         with torch.inference_mode():
-            return scorer(out.features, torch.from_numpy(out.logits / temperature).float()).numpy()
+            return scorer(out.features, torch.from_numpy(out.calibrated(temperature)).float()).numpy()
 
     scorer: torch.nn.Module = EnergyScore()
     if scope.score in ("knn", "combined"):
@@ -159,7 +169,8 @@ def make_trustworthy(config: Config, classifier: torch.nn.Module, dm) -> tuple[D
     threshold = threshold_for(val_scores, scope.keep, val_source)
     report = TrustReport(temperature, {**described, "threshold": threshold})
     metrics = report.metrics
-    metrics.update({"temperature": temperature, "out_of_scope_threshold": threshold})
+    metrics.update({"temperature": temperature.base, "temperature_slope": temperature.slope,
+                    "out_of_scope_threshold": threshold})
 
     splits = {"val": (val, val_labels, val_scores)}
     if dm.test_images is not None:
