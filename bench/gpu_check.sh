@@ -2,11 +2,20 @@
 # The GPU recipe, run for real: `make train`'s three families with the gpu profile on a machine
 # that has a GPU, torch and Lightning but no network and no MLflow. One command, under 8 minutes.
 #
-#   bash bench/gpu_check.sh prepare           # here, with network: .gpu-carry/ = data tarball + MLflow wheels
+#   bash bench/gpu_check.sh prepare           # here, with network: .gpu-carry/ = data tarball + MLflow wheels,
+#                                             #   .gpu-carry-photos/ = photos-train, outliers-train, photos-dev, other-dev
 #   bash bench/gpu_check.sh gpu [FOLDER]      # there: unpack, install the wheels to /tmp, train, print the table
+#   bash bench/gpu_check.sh stash             # there: keep .gpu-carry-photos in .gpu-stash/ for the next call
 #   bash bench/gpu_check.sh cpu-smoke FOLDER  # here: the same path on the CPU, 1 epoch of each family
 #
 # With the device tool: run(command='bash bench/gpu_check.sh gpu "$OUT"', carry=[".gpu-carry"], timeout_s=540).
+#
+# PHOTOS=1 trains `make train`'s README recipe instead: CIFAR-4 + photos-train with outliers-train, photos-dev
+# and other-dev scored. The two carries together are over the tool's 64 MiB, so it takes two calls in a row
+# while the machine is warm (it keeps ignored folders between calls, not after it goes back):
+#   run(command='bash bench/gpu_check.sh stash', carry=[".gpu-carry-photos"], timeout_s=60)
+#   run(command='PHOTOS=1 SEEDS=42 bash bench/gpu_check.sh gpu "$OUT"', carry=[".gpu-carry"], timeout_s=540)
+# SEEDS=42,1,2 trains every family once per seed; MODELS=resnet,vgg picks families.
 # It prints bench/train_budget.py's table (epochs, minutes, s/epoch, val and test accuracy, per-class
 # test accuracy, precision, GPU memory peak) and the device name and versions, and keeps its evidence in
 # FOLDER (default: $OUT, else gpu-check-out/): gpu_check.log (everything it printed), table.json and
@@ -16,6 +25,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-gpu}
 carry=.gpu-carry
+photos=.gpu-carry-photos
+stash=.gpu-stash
+photo_sets=(photos-train outliers-train photos-dev other-dev)
+photo_src=${PHOTO_DATA:-../shared/data}
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true BENTOML_DO_NOT_TRACK=true
 py=${PYTHON:-python3}
 data_src=${DATA:-../shared/data/cifar4/train}
@@ -34,11 +47,22 @@ if [ "$mode" = prepare ]; then
     name=$(basename "$wheel" | cut -d- -f1 | tr 'A-Z_.' 'a-z--')
     if [[ " $have " == *" $name "* ]]; then rm "$wheel"; fi
   done
-  du -sh "$carry" "$carry"/*
+  mkdir -p "$photos"
+  for set in "${photo_sets[@]}"; do tar czf "$photos/$set.tar.gz" -C "$photo_src" "$set"; done
+  du -sh "$carry" "$carry"/* "$photos" "$photos"/*
+  exit 0
+fi
+if [ "$mode" = stash ]; then
+  mkdir -p "$stash"
+  for set in "${photo_sets[@]}"; do
+    test -s "$photos/$set.tar.gz" || { echo "error: $photos/$set.tar.gz is missing: carry .gpu-carry-photos." >&2; exit 2; }
+    cp "$photos/$set.tar.gz" "$stash/"
+  done
+  du -sh "$stash"/*
   exit 0
 fi
 
-case "$mode" in gpu|cpu-smoke) ;; *) echo "error: mode $mode: use prepare, gpu or cpu-smoke." >&2; exit 2;; esac
+case "$mode" in gpu|cpu-smoke) ;; *) echo "error: mode $mode: use prepare, stash, gpu or cpu-smoke." >&2; exit 2;; esac
 out=${2:-${OUT:-gpu-check-out}}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -61,6 +85,23 @@ else
   profile=gpu
   extra=()
 fi
+if [ "${PHOTOS:-0}" = 1 ]; then
+  folder=$(cd "$photo_src" && pwd)
+  if [ "$mode" = gpu ]; then
+    folder=$work
+    for set in "${photo_sets[@]}"; do
+      archive=$stash/$set.tar.gz
+      [ -f "$archive" ] || archive=$photos/$set.tar.gz
+      [ -f "$archive" ] || { echo "error: $set.tar.gz is in neither $stash nor $photos: run 'bash bench/gpu_check.sh stash' with .gpu-carry-photos carried first." >&2; exit 2; }
+      tar xzf "$archive" -C "$work"
+    done
+  fi
+  data=$data,$folder/photos-train
+  extra+=(--outliers "$folder/outliers-train" --set "evaluation.folders.photos-dev=$folder/photos-dev"
+          --set "evaluation.folders.other-dev=$folder/other-dev")
+fi
+if [ -n "${SEEDS:-}" ]; then extra+=(--seeds "$SEEDS"); fi
+if [ -n "${MODELS:-}" ]; then extra+=(--models "$MODELS"); fi
 if ! "$py" -c "import mlflow" 2>/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/site" "$carry"/wheels/*.whl
   export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
