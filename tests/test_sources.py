@@ -131,6 +131,15 @@ def test_outlier_losses_are_lowest_for_no_answer():
     assert outlier_loss(flat, "uniform") < outlier_loss(sure, "uniform")
     assert outlier_loss(flat, "uniform").item() == pytest.approx(np.log(4))
     assert outlier_loss(flat - 20, "energy") < outlier_loss(sure + 20, "energy")
+    # The margins are the net's scale: logits of about 3 meet (-6, -2) but not Liu et al.'s (-25, -7).
+    inside, out = torch.tensor([[5.0, 0, 0, 0]] * 4), torch.full((4, 4), -1.0)
+    assert outlier_loss(out, "energy", inside, (-4.0, -2.0)).item() == 0.0 < outlier_loss(out, "energy", inside).item()
+    from pipeline.config import resolve_config
+    from pipeline.errors import ConfigError
+
+    assert resolve_config("vgg", "cpu", ["optim.outlier_margins=[-6, -2]"]).optim.outlier_margins == [-6, -2]
+    with pytest.raises(ConfigError, match="optim.outlier_margins must be two numbers, the in-scope margin below"):
+        resolve_config("vgg", "cpu", ["optim.outlier_margins=[-2, -6]"])
 
 
 @pytest.mark.slow
@@ -180,9 +189,8 @@ def test_a_run_of_two_sources_and_outliers_reports_each_and_flags_unseen_outlier
     assert [s["name"] for s in meta["sources"]] == ["cifarish", "photoish"]
     assert meta["sources"][1]["test_acc"] == pytest.approx(metrics["source/photoish/test_acc"])
     assert meta["outliers"]["classes"] == 10 and meta["outliers"]["test_auroc"] == pytest.approx(metrics["outliers/test/auroc"])
-    # With outliers in training the temperature's slope on the top logit is fitted too, and travels with the model.
-    assert meta["calibration"]["base"] == pytest.approx(metrics["temperature"])
-    assert meta["calibration"]["slope"] == pytest.approx(metrics["temperature_slope"]) and meta["calibration"]["std"] > 0
+    # The calibration travels with the model: one temperature after the energy loss (by_confidence: auto).
+    assert meta["calibration"] == {"base": pytest.approx(metrics["temperature"]), "slope": 0.0, "mean": 0.0, "std": 1.0}
 
 
 def test_download_photos_writes_both_sets_from_an_archive(tmp_path):

@@ -210,11 +210,20 @@ class OptimSettings:
     muon_lr: float = setting(0.24, "Muon's rate (per step, on filters renormalised to norm sqrt(out))",
                              within="(0, 100]")
     muon_momentum: float = setting(0.6, "Muon's momentum", within="[0, 1)")
-    outlier_loss: str = setting("uniform", "with data.outliers: uniform (cross-entropy to the uniform answer) or "
-                                           "energy (Liu et al.'s hinges)", choices=("uniform", "energy"))
-    outlier_weight: float = setting(0.5, "the outlier loss's weight beside the classification loss", within="[0, 100]")
+    outlier_loss: str = setting("energy", "with data.outliers: energy (Liu et al.'s hinges on -logsumexp of the "
+                                          "logits) or uniform (cross-entropy to the uniform answer; docs/trust.md: "
+                                          "energy won the held-out outlier classes by 2 points)",
+                                choices=("energy", "uniform"))
+    outlier_weight: float = setting(0.1, "the outlier loss's weight beside the classification loss (energy: 0.1, "
+                                         "Liu et al.'s; uniform was measured at 0.5)", within="[0, 100]")
+    outlier_margins: list = setting([-6.0, -2.0], "energy: the in-scope margin, then the outliers' (Liu et al. used "
+                                                  "-25, -7 for wider nets; at that scale these nets stayed at chance)")
 
     def check(self) -> None:
+        margins = self.outlier_margins
+        if not (len(margins) == 2 and all(isinstance(m, (int, float)) for m in margins) and margins[0] < margins[1]):
+            raise ConfigError(f"Config key optim.outlier_margins must be two numbers, the in-scope margin below the "
+                              f"outliers' (such as -25, -7), got {margins!r}.")
         if self.muon and self.recipe != "airbench":
             raise ConfigError("Config key optim.muon needs optim.recipe airbench (it replaces that recipe's filter "
                               "updates); with another recipe, add --set optim.muon=false.")
@@ -286,9 +295,10 @@ class CalibrationSettings:
     balance_sources: bool = setting(True, "with several sources, T minimises the mean over sources of the validation "
                                           "NLL, so the largest source does not set it alone (false: the pooled NLL)")
     by_confidence: str = setting("auto", "T grows with the image's top logit, T0 x exp(slope x its z-score), both "
-                                       "fitted: auto (with outliers in training), always or never (docs/trust.md: "
-                                       "with outliers ECE 0.032 -> 0.026 CIFAR, 0.057 -> 0.046 photos out of "
-                                       "sample; without, slope ~0)", choices=("auto", "always", "never"))
+                                       "fitted: auto (after the uniform outlier loss, which leaves the net too flat "
+                                       "where unsure), always or never (docs/trust.md: there ECE 0.032 -> 0.026 "
+                                       "CIFAR, 0.057 -> 0.046 photos; elsewhere slope ~0)",
+                                 choices=("auto", "always", "never"))
 
 
 @dataclass

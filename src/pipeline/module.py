@@ -170,7 +170,8 @@ class LitClassifier(L.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         if not bool(inside.all()):
-            exposure = outlier_loss(logits[~inside], self.optim.outlier_loss, logits[inside])
+            exposure = outlier_loss(logits[~inside], self.optim.outlier_loss, logits[inside],
+                                    tuple(self.optim.outlier_margins))
             self.log("train/outlier_loss", exposure, on_step=False, on_epoch=True, sync_dist=True)
             loss = loss + self.optim.outlier_weight * exposure
         return loss

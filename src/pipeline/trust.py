@@ -1,8 +1,8 @@
 """After training: make a run's answers mean what they say, and measure how far they can be trusted.
 
 1. Fit a temperature on the validation split (:mod:`pipeline.calibration`): model.onnx divides the
-   TTA-averaged logits by it before the softmax. With outliers in training it grows with the image's top
-   logit (``calibration.by_confidence``: sure answers are sharpened less than unsure ones). With several sources
+   TTA-averaged logits by it before the softmax. After the uniform outlier loss it grows with the image's
+   top logit (``calibration.by_confidence``: sure answers are sharpened less than unsure ones). With several sources
    it minimises the mean over sources of their NLLs (``calibration.balance_sources``), so photographs count
    as much as a larger CIFAR source.
 2. Add the out-of-scope score to the graph (:mod:`pipeline.scope`: the energy of the calibrated logits,
@@ -141,8 +141,10 @@ def make_trustworthy(config: Config, classifier: torch.nn.Module, dm) -> tuple[D
     groups = val_source if config.calibration.balance_sources else None
     calibration = config.calibration
     temperature = Temperature()
-    shaped = calibration.by_confidence == "always" or (calibration.by_confidence == "auto"
-                                                         and bool(getattr(dm, "outlier_dirs", None)))
+    # auto: where it was measured to pay, nets trained with the uniform outlier loss (docs/trust.md).
+    shaped = calibration.by_confidence == "always" or (
+        calibration.by_confidence == "auto" and bool(getattr(dm, "outlier_dirs", None))
+        and config.optim.outlier_loss == "uniform" and config.data.outlier_share > 0)
     if calibration.temperature and shaped:
         temperature = fit_temperature_by_confidence(val.logits, val_labels, groups=groups)
     elif calibration.temperature:
