@@ -109,7 +109,13 @@ def test_the_service_follows_the_alias(served, toy_folder, tmp_path):
 
         service_port = free_port()
         url = f"http://127.0.0.1:{service_port}"
-        service_env = {**os.environ, "BENTOML_HOME": str(served_project / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+        # Its own BentoML home over the same store: `bentoml serve` empties its home's
+        # prometheus_multiproc_dir at start, which would wipe the session server's /metrics counts.
+        home = tmp_path / "bentoml"
+        home.mkdir()
+        for store in ("bentos", "models"):
+            (home / store).symlink_to(served_project / "bentoml" / store)
+        service_env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
                        "MLFLOW_TRACKING_URI": uri, "CLASSIFIER_FOLLOW": f"models:/{NAME}@champion",
                        "CLASSIFIER_FOLLOW_INTERVAL_S": "1", "TMPDIR": str(tmp_path)}
         log = open(tmp_path / "serve.log", "w")
