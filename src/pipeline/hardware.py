@@ -24,14 +24,18 @@ BF16_MARGIN = 1.1
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_bf16_speedup(rounds: int = 5) -> float:
+def cpu_bf16_speedup(rounds: int = 7) -> float:
     """How many times faster a 3x3 convolution's forward and backward pass runs under bf16 autocast than in
-    fp32 on this CPU (median of interleaved rounds, about half a second in all).
+    fp32 on this CPU (the fastest of interleaved rounds, about half a second in all).
 
     Having the units is not enough: on a 2-core AMD EPYC with AVX512-BF16, bf16 trained about 1.8x faster,
     but on a 2-core Intel Xeon with AVX512-BF16 and no AMX, bf16 was 25-30% *slower* than fp32 for all three
-    families (docs/benchmarks.md), so the choice is measured, not read from the flags."""
-    import statistics
+    families (docs/benchmarks.md), so the choice is measured, not read from the flags.
+
+    The fastest round, not the median: another busy process on the cores stalls bf16 (AMX) steps far more
+    than fp32 ones. On a 2-core Xeon with AMX, idle, both read 1.8-2.2; with the other core busy the
+    median read 0.21-0.24 in 2 of 6 probes (bf16 steps of 370 ms against 8) and picked fp32 for a whole
+    training run, while the minimum read 1.4-3.1 in 5 of the 6."""
     import time
 
     conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
@@ -49,7 +53,7 @@ def cpu_bf16_speedup(rounds: int = 5) -> float:
     for _ in range(rounds):
         for bf16 in (True, False):
             times[bf16].append(step(bf16))
-    return statistics.median(times[False]) / statistics.median(times[True])
+    return min(times[False]) / min(times[True])
 
 
 def choose_cpu_precision(has_units: bool, speedup: float) -> str:
