@@ -12,9 +12,10 @@ Prints, per family: the net, parameters, epochs, minutes, seconds per epoch, val
 test accuracy (both with the exported TTA), per-class test accuracy, precision, GPU memory
 peak, and which run is the champion; then, per family, the mean and spread (sample standard
 deviation, min-max) over the runs (``--seeds`` trains every family once per seed: ``--set seed=S``,
-the split stays the same); then the machine: CPU model, cores, bf16/AMX, GPU, versions, so that
-figures from different machines can be read side by side. ``--markdown`` also prints the tables as
-Markdown, ``--json`` writes them to a file.
+the split stays the same); per training source and evaluation folder, each run's figures, then their
+means per family and for each seed's champion (the headline table); then the machine: CPU model,
+cores, bf16/AMX, GPU, versions, so that figures from different machines can be read side by side.
+``--markdown`` also prints the tables as Markdown, ``--json`` writes them to a file.
 """
 
 from __future__ import annotations
@@ -142,11 +143,20 @@ def report(db: Path, experiment: str, wall: float | None, markdown: bool, title:
                                                order_by=["attributes.start_time ASC"])
                 if r.data.tags.get("kind") != "evaluation"]
     console.print(source_table(finished, val_only))
+    header, headlines = headline(finished, val_only)
+    means = Table(title="the headline figures: mean +/- sd over the runs (kept: the share left in scope at the "
+                        "stored threshold)")
+    for column in header:
+        means.add_column(column, justify="left" if column in ("", "runs") else "right")
+    for line in headlines:
+        means.add_row(*line)
+    console.print(means)
     console.print(machine())
     if json_path is not None:
         import json
 
         json_path.write_text(json.dumps({"title": title, "machine": machine(), "rows": found, "families": families,
+                                         "headline": [dict(zip(header, line)) for line in headlines],
                                          "sum_minutes": total,
                                          "wall_minutes": None if wall is None else wall / 60}, indent=2) + "\n")
     if markdown:
@@ -159,6 +169,65 @@ def report(db: Path, experiment: str, wall: float | None, markdown: bool, title:
         print("|" + "---|" * len(columns))
         for row in families:
             print("| " + " | ".join(row[c] for c in columns) + " |")
+        print()
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for line in headlines:
+            print("| " + " | ".join(line) + " |")
+
+
+def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str]]]:
+    """The figures a user reads, per family and for the champion of each seed (the run the champion rule,
+    ``val_acc_source_mean``, picks among that seed's runs): mean +/- sd over the runs of each training
+    source's accuracy (balanced), ECE and share kept in scope, the held-out outlier classes' AUROC and share
+    flagged, and each evaluation folder's the same, on the test split (validation with ``--val-only``)."""
+    import statistics
+
+    split = "val" if val_only else "test"
+    sources = sorted({k.split("/")[1] for r in found_runs for k in r.data.metrics if k.startswith("source/")})
+    folders = [] if val_only else sorted({k.split("/")[1] for r in found_runs for k in r.data.metrics
+                                          if k.startswith("eval/")})
+    header = ["runs", *(f"{name} {split} acc (balanced) / ECE / kept" for name in sources),
+              f"{split} outliers AUROC / flagged",
+              *(f"{name} balanced acc / ECE / kept" if any(f"eval/{name}/balanced_acc" in r.data.metrics
+                                                            for r in found_runs)
+                else f"{name} AUROC / flagged" for name in folders), "minutes"]
+
+    def mean(values: list[float], digits: int = 3, sd: bool = False) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return ""
+        text = f"{statistics.mean(values):.{digits}f}"
+        return text + (f" +/- {statistics.stdev(values):.{digits}f}" if sd and len(values) > 1 else "")
+
+    def row(runs: list) -> list[str]:
+        ms = [r.data.metrics for r in runs]
+        cells = [" ".join(f"{r.data.tags.get('family', '?')}/{r.data.params.get('seed', '?')}" for r in runs)]
+        for name in sources:
+            get = lambda key: [m.get(f"source/{name}/{split}_{key}") for m in ms]  # noqa: E731
+            kept = [None if v is None else 100 * (1 - v) for v in get("out_of_scope_rate")]
+            cells.append(f"{mean(get('acc'), sd=True)} ({mean(get('balanced_acc'))}) / {mean(get('ece'))} / "
+                         f"{mean(kept, 1)}%")
+        cells.append(f"{mean([m.get(f'outliers/{split}/auroc') for m in ms])} / "
+                     f"{mean([m.get(f'outliers/{split}/flagged') for m in ms])}")
+        for name in folders:
+            get = lambda key: [m.get(f"eval/{name}/{key}") for m in ms]  # noqa: E731
+            if any(v is not None for v in get("balanced_acc")):
+                kept = [None if v is None else 100 * (1 - v) for v in get("out_of_scope_rate")]
+                cells.append(f"{mean(get('balanced_acc'), sd=True)} / {mean(get('ece'))} / {mean(kept, 1)}%")
+            else:
+                auroc = [next((v for k, v in m.items() if k.startswith(f"eval/{name}/auroc_vs_")), None) for m in ms]
+                cells.append(f"{mean(auroc)} / {mean(get('out_of_scope_rate'))}")
+        cells.append(mean([(r.info.end_time - r.info.start_time) / 60000 for r in runs], 1))
+        return cells
+
+    seeds = dict.fromkeys(r.data.params.get("seed", "?") for r in found_runs)
+    champions = [max((r for r in found_runs if r.data.params.get("seed", "?") == seed),
+                     key=lambda r: r.data.metrics.get("val_acc_source_mean", float("-inf"))) for seed in seeds]
+    rows = [["champion of each seed", *row(champions)]]
+    for family in dict.fromkeys(r.data.tags.get("family", "?") for r in found_runs):
+        rows.append([family, *row([r for r in found_runs if r.data.tags.get("family", "?") == family])])
+    return ["", *header], rows
 
 
 def absolute(part: str) -> str:
