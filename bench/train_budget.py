@@ -187,11 +187,19 @@ def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str
     sources = sorted({k.split("/")[1] for r in found_runs for k in r.data.metrics if k.startswith("source/")})
     folders = [] if val_only else sorted({k.split("/")[1] for r in found_runs for k in r.data.metrics
                                           if k.startswith("eval/")})
+    def labelled(name: str) -> bool:
+        return any(f"eval/{name}/balanced_acc" in r.data.metrics for r in found_runs)
+
+    def against(name: str) -> str:
+        """An unlabelled folder's AUROC is against a labelled evaluation folder where there is one (other-dev
+        against photos-dev: photographs against photographs), else against the in-scope test split."""
+        return next((other for other in folders if labelled(other) and any(
+            f"eval/{name}/auroc_vs_{other}" in r.data.metrics for r in found_runs)), "test")
+
     header = ["runs", *(f"{name} {split} acc (balanced) / ECE / kept" for name in sources),
               f"{split} outliers AUROC / flagged",
-              *(f"{name} balanced acc / ECE / kept" if any(f"eval/{name}/balanced_acc" in r.data.metrics
-                                                            for r in found_runs)
-                else f"{name} AUROC / flagged" for name in folders), "minutes"]
+              *(f"{name} balanced acc / ECE / kept" if labelled(name) else f"{name} AUROC vs {against(name)} / flagged"
+                for name in folders), "minutes"]
 
     def mean(values: list[float], digits: int = 3, sd: bool = False) -> str:
         values = [v for v in values if v is not None]
@@ -206,7 +214,7 @@ def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str
         for name in sources:
             get = lambda key: [m.get(f"source/{name}/{split}_{key}") for m in ms]  # noqa: E731
             kept = [None if v is None else 100 * (1 - v) for v in get("out_of_scope_rate")]
-            cells.append(f"{mean(get('acc'), sd=True)} ({mean(get('balanced_acc'))}) / {mean(get('ece'))} / "
+            cells.append(f"{mean(get('acc'), sd=True)} ({mean(get('balanced_acc'), sd=True)}) / {mean(get('ece'))} / "
                          f"{mean(kept, 1)}%")
         cells.append(f"{mean([m.get(f'outliers/{split}/auroc') for m in ms])} / "
                      f"{mean([m.get(f'outliers/{split}/flagged') for m in ms])}")
@@ -216,8 +224,7 @@ def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str
                 kept = [None if v is None else 100 * (1 - v) for v in get("out_of_scope_rate")]
                 cells.append(f"{mean(get('balanced_acc'), sd=True)} / {mean(get('ece'))} / {mean(kept, 1)}%")
             else:
-                auroc = [next((v for k, v in m.items() if k.startswith(f"eval/{name}/auroc_vs_")), None) for m in ms]
-                cells.append(f"{mean(auroc)} / {mean(get('out_of_scope_rate'))}")
+                cells.append(f"{mean(get(f'auroc_vs_{against(name)}'))} / {mean(get('out_of_scope_rate'))}")
         cells.append(mean([(r.info.end_time - r.info.start_time) / 60000 for r in runs], 1))
         return cells
 
