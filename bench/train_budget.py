@@ -179,8 +179,9 @@ def report(db: Path, experiment: str, wall: float | None, markdown: bool, title:
 def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str]]]:
     """The figures a user reads, per family and for the champion of each seed (the run the champion rule,
     ``val_acc_source_mean``, picks among that seed's runs): mean +/- sd over the runs of each training
-    source's accuracy (balanced), ECE and share kept in scope, the held-out outlier classes' AUROC and share
-    flagged, and each evaluation folder's the same, on the test split (validation with ``--val-only``)."""
+    source's accuracy (balanced), ECE, share kept in scope and AUROC against the held-out outlier classes;
+    those outliers' AUROC against the whole in-scope split and share flagged; each evaluation folder's
+    the same; on the test split (validation with ``--val-only``)."""
     import statistics
 
     split = "val" if val_only else "test"
@@ -196,7 +197,8 @@ def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str
         return next((other for other in folders if labelled(other) and any(
             f"eval/{name}/auroc_vs_{other}" in r.data.metrics for r in found_runs)), "test")
 
-    header = ["runs", *(f"{name} {split} acc (balanced) / ECE / kept" for name in sources),
+    header = ["runs", *(f"{name} {split} acc (balanced) / ECE / kept / AUROC against the {split} outliers"
+                        for name in sources),
               f"{split} outliers AUROC / flagged",
               *(f"{name} balanced acc / ECE / kept" if labelled(name) else f"{name} AUROC vs {against(name)} / flagged"
                 for name in folders), "minutes"]
@@ -215,9 +217,9 @@ def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str
             get = lambda key: [m.get(f"source/{name}/{split}_{key}") for m in ms]  # noqa: E731
             kept = [None if v is None else 100 * (1 - v) for v in get("out_of_scope_rate")]
             cells.append(f"{mean(get('acc'), sd=True)} ({mean(get('balanced_acc'), sd=True)}) / {mean(get('ece'))} / "
-                         f"{mean(kept, 1)}%")
-        cells.append(f"{mean([m.get(f'outliers/{split}/auroc') for m in ms])} / "
-                     f"{mean([m.get(f'outliers/{split}/flagged') for m in ms])}")
+                         f"{mean(kept, 1)}%" + (f" / {mean(get('outlier_auroc'))}" if any(get("outlier_auroc")) else ""))
+        auroc = mean([m.get(f"outliers/{split}/auroc") for m in ms])
+        cells.append(f"{auroc} / {mean([m.get(f'outliers/{split}/flagged') for m in ms])}" if auroc else "")
         for name in folders:
             get = lambda key: [m.get(f"eval/{name}/{key}") for m in ms]  # noqa: E731
             if any(v is not None for v in get("balanced_acc")):
