@@ -68,7 +68,7 @@ mlflow-ui: install ## browse the runs: MLflow UI on http://127.0.0.1:5000 (MLFLO
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
-test: install ## run the test suite (CPU, about 5 minutes on 2 cores; the 12 slowest are listed at the end)
+test: install ## run the test suite (CPU, 5 to 11 minutes on 2 cores; the 12 slowest are listed at the end)
 	$(BIN)/python -m pytest --durations=12
 
 test-fast: install ## the tests that take seconds
