@@ -33,6 +33,8 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.champion import METRIC as CHAMPION_METRIC
+
 COLUMNS = ("family", "model", "params", "epochs", "minutes", "s/epoch", "val acc", "test acc",
            "test acc per class", "precision", "GPU mem", "")
 
@@ -178,7 +180,7 @@ def report(db: Path, experiment: str, wall: float | None, markdown: bool, title:
 
 def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str]]]:
     """The figures a user reads, per family and for the champion of each seed (the run the champion rule,
-    ``val_acc_source_mean``, picks among that seed's runs): mean +/- sd over the runs of each training
+    ``pipeline.champion.METRIC``, picks among that seed's runs): mean +/- sd over the runs of each training
     source's accuracy (balanced), ECE, share kept in scope and AUROC against the held-out outlier classes;
     those outliers' AUROC against the whole in-scope split and share flagged; each evaluation folder's
     the same; on the test split (validation with ``--val-only``)."""
@@ -188,6 +190,7 @@ def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str
     sources = sorted({k.split("/")[1] for r in found_runs for k in r.data.metrics if k.startswith("source/")})
     folders = [] if val_only else sorted({k.split("/")[1] for r in found_runs for k in r.data.metrics
                                           if k.startswith("eval/")})
+
     def labelled(name: str) -> bool:
         return any(f"eval/{name}/balanced_acc" in r.data.metrics for r in found_runs)
 
@@ -210,21 +213,25 @@ def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str
         text = f"{statistics.mean(values):.{digits}f}"
         return text + (f" +/- {statistics.stdev(values):.{digits}f}" if sd and len(values) > 1 else "")
 
+    def kept(rates: list) -> str:
+        """The share left in scope, in percent, from the share flagged."""
+        return mean([None if v is None else 100 * (1 - v) for v in rates], 1) + "%"
+
     def row(runs: list) -> list[str]:
         ms = [r.data.metrics for r in runs]
         cells = [" ".join(f"{r.data.tags.get('family', '?')}/{r.data.params.get('seed', '?')}" for r in runs)]
         for name in sources:
             get = lambda key: [m.get(f"source/{name}/{split}_{key}") for m in ms]  # noqa: E731
-            kept = [None if v is None else 100 * (1 - v) for v in get("out_of_scope_rate")]
             cells.append(f"{mean(get('acc'), sd=True)} ({mean(get('balanced_acc'), sd=True)}) / {mean(get('ece'))} / "
-                         f"{mean(kept, 1)}%" + (f" / {mean(get('outlier_auroc'))}" if any(get("outlier_auroc")) else ""))
+                         f"{kept(get('out_of_scope_rate'))}"
+                         + (f" / {mean(get('outlier_auroc'))}" if any(get("outlier_auroc")) else ""))
         auroc = mean([m.get(f"outliers/{split}/auroc") for m in ms])
         cells.append(f"{auroc} / {mean([m.get(f'outliers/{split}/flagged') for m in ms])}" if auroc else "")
         for name in folders:
             get = lambda key: [m.get(f"eval/{name}/{key}") for m in ms]  # noqa: E731
-            if any(v is not None for v in get("balanced_acc")):
-                kept = [None if v is None else 100 * (1 - v) for v in get("out_of_scope_rate")]
-                cells.append(f"{mean(get('balanced_acc'), sd=True)} / {mean(get('ece'))} / {mean(kept, 1)}%")
+            if labelled(name):
+                cells.append(f"{mean(get('balanced_acc'), sd=True)} / {mean(get('ece'))} / "
+                             f"{kept(get('out_of_scope_rate'))}")
             else:
                 cells.append(f"{mean(get(f'auroc_vs_{against(name)}'))} / {mean(get('out_of_scope_rate'))}")
         cells.append(mean([(r.info.end_time - r.info.start_time) / 60000 for r in runs], 1))
@@ -232,7 +239,7 @@ def headline(found_runs: list, val_only: bool) -> tuple[list[str], list[list[str
 
     seeds = dict.fromkeys(r.data.params.get("seed", "?") for r in found_runs)
     champions = [max((r for r in found_runs if r.data.params.get("seed", "?") == seed),
-                     key=lambda r: r.data.metrics.get("val_acc_source_mean", float("-inf"))) for seed in seeds]
+                     key=lambda r: r.data.metrics.get(CHAMPION_METRIC, float("-inf"))) for seed in seeds]
     rows = [["champion of each seed", *row(champions)]]
     for family in dict.fromkeys(r.data.tags.get("family", "?") for r in found_runs):
         rows.append([family, *row([r for r in found_runs if r.data.tags.get("family", "?") == family])])
