@@ -118,6 +118,11 @@ def test_outliers_are_held_out_by_class(tmp_path):
     # 2 of 10 classes held out, one for validation and one for test: 5 images each, never trained on.
     assert len(dm.outlier_val) == len(dm.outlier_test) == 5 and len(dm.outlier_train) == 40
     assert len(set(dm.outlier_train_groups.tolist())) == 8
+    # A held-out class scores at most data.outlier_holdout_images of its images; the rest are not trained on.
+    capped = ImageFolderDataModule(str(toy), outliers=[str(folder.parent)], outlier_holdout=0.2,
+                                   outlier_holdout_images=3, cache_dir=str(tmp_path / "cache"))
+    capped.prepare()
+    assert len(capped.outlier_val) == len(capped.outlier_test) == 3 and len(capped.outlier_train) == 40
     batches = OutlierBatches(TensorBatches(dm.train_images, dm.train_labels, 8, shuffle=True, drop_last=True),
                              dm.outlier_train, 2, seed=0)
     images, labels = next(iter(batches))

@@ -186,6 +186,9 @@ class DataSettings:
                                          "scored, never trained on)", within="[0, 4]")
     outlier_holdout: float = setting(0.2, "share of the outlier classes held out, half as validation, half as "
                                           "test outliers", within="(0, 1)")
+    outlier_holdout_images: int = setting(100, "at most this many images of each held-out outlier class are scored "
+                                               "(seeded; 0: all), so a class of 2,000 images does not outweigh "
+                                               "twenty of 100 in the outlier AUROC", within="[0, 1000000]")
 
 
 @dataclass

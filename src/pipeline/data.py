@@ -140,6 +140,18 @@ def hold_out_classes(n_classes: int, share: float, seed: int, test_seed: int) ->
     return set(rest[: n_hold // 2]), set(test)
 
 
+def cap_per_class(chosen: torch.Tensor, groups: torch.Tensor, cap: int, seed: int) -> torch.Tensor:
+    """``chosen`` (a mask) with at most ``cap`` images of each class left, a seeded sample (0: all kept)."""
+    if cap <= 0:
+        return chosen
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))
+    kept = torch.zeros_like(chosen)
+    for group in groups[chosen].unique().tolist():
+        members = order[chosen[order] & (groups[order] == group)]
+        kept[members[:cap]] = True
+    return kept
+
+
 def scan_image_folder(root: str | Path, exclude: tuple[str, ...] = (),
                       min_classes: int = 2) -> tuple[list[str], list[tuple[Path, int]]]:
     """List ``(file, class index)`` pairs; class names are the sorted subfolder names. Files whose name
@@ -611,11 +623,15 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.skipped += [f"outliers/{name}" for name in found.skipped]
         images, groups = torch.cat(images), torch.cat(groups)
         self.outlier_fingerprint = hashlib.sha256("|".join(fingerprints).encode()).hexdigest()[:16]
+        cap = self.settings.outlier_holdout_images
         if len(self.outlier_classes) >= 3:
             val_classes, test_classes = hold_out_classes(len(self.outlier_classes), self.settings.outlier_holdout,
                                                          self.settings.seed, self.settings.test_seed)
             val = torch.isin(groups, torch.tensor(sorted(val_classes)))
             test = torch.isin(groups, torch.tensor(sorted(test_classes)))
+            train = ~(val | test)  # a held-out class's images past the cap are neither trained on nor scored
+            val, test = cap_per_class(val, groups, cap, self.settings.seed), cap_per_class(test, groups, cap,
+                                                                                         self.settings.test_seed)
         else:  # one or two classes (file names without a class): held out by image, and said so
             print(f"note: the outliers in {', '.join(self.outlier_dirs)} show {len(self.outlier_classes)} class(es), "
                   "so their validation and test outliers are held out by image, not by class")
@@ -623,12 +639,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             n = max(1, int(round(self.settings.outlier_holdout / 2 * len(groups))))
             val, test = torch.zeros(len(groups), dtype=torch.bool), torch.zeros(len(groups), dtype=torch.bool)
             test[order[:n]], val[order[n : 2 * n]] = True, True
-        self.outlier_train_groups = groups[~(val | test)]
-        self.outlier_train, self.outlier_val, self.outlier_test = images[~(val | test)], images[val], images[test]
+            train = ~(val | test)
+        self.outlier_train_groups = groups[train]
+        self.outlier_train, self.outlier_val, self.outlier_test = images[train], images[val], images[test]
         if len(self.outlier_train) == 0 or len(self.outlier_val) == 0 or len(self.outlier_test) == 0:
             raise DataError(f"Outlier folder(s) {', '.join(self.outlier_dirs)} hold {len(groups)} image(s): too few "
                             "for training, validation and test outliers.")
-        return [f"outliers:{f}:{self.settings.outlier_share}:{self.settings.outlier_holdout}" for f in fingerprints]
+        return [f"outliers:{f}:{self.settings.outlier_share}:{self.settings.outlier_holdout}:{cap}"
+                for f in fingerprints]
 
     def summary(self) -> dict:
         self.prepare()
