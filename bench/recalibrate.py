@@ -6,7 +6,8 @@ the evaluation folders), without training again.
         --eval photos-dev=../shared/data/photos-dev,other-dev=../shared/data/other-dev \\
         --set calibration.by_confidence=never --set calibration.by_confidence=auto CKPT [CKPT ...]
 
-Each ``--set`` is one setting (several keys: separate them with ``;``). It runs ``pipeline.trust``'s
+Each ``--set`` is one setting (several keys: separate them with ``;``; give the run's ``seed=S`` too, which
+draws the kNN bank). It runs ``pipeline.trust``'s
 ``make_trustworthy`` (what publishing runs) on each checkpoint's ``last.ckpt`` weights, with the splits drawn
 again from the same seeds. It reads the test splits and the evaluation folders: run it once per adopted
 change, and make the choice itself on validation (``bench/trust_choices.py``).
@@ -25,9 +26,12 @@ from train_budget import machine  # noqa: E402
 
 KEYS = [("test acc", "source/{s0}/test_acc"), ("test ECE", "source/{s0}/test_ece"),
         ("photo test bal", "source/{s1}/test_balanced_acc"), ("photo test ECE", "source/{s1}/test_ece"),
-        ("photo kept", "source/{s1}/test_out_of_scope_rate"), ("outlier AUROC", "outliers/test/auroc"),
+        ("photo kept", "source/{s1}/test_out_of_scope_rate"), ("CIFAR kept", "source/{s0}/test_out_of_scope_rate"),
+        ("outlier AUROC", "outliers/test/auroc"), ("outlier AUROC CIFAR", "source/{s0}/test_outlier_auroc"),
+        ("outlier AUROC photo", "source/{s1}/test_outlier_auroc"), ("outliers flagged", "outliers/test/flagged"),
         ("photos-dev bal", "eval/photos-dev/balanced_acc"), ("photos-dev ECE", "eval/photos-dev/ece"),
         ("photos-dev kept", "eval/photos-dev/out_of_scope_rate"), ("other-dev AUROC", "eval/other-dev/auroc_vs_photos-dev"),
+        ("other-dev flagged", "eval/other-dev/out_of_scope_rate"),
         ("val NLL", "val_nll"), ("slope", "temperature_slope")]
 
 
@@ -67,9 +71,9 @@ def main() -> None:
             _, report = make_trustworthy(config, lit.model.eval().float(), dm)
             m = report.metrics
             row = []
-            for _, pattern in KEYS:
+            for label, pattern in KEYS:
                 value = m.get(pattern.format(s0=names[0], s1=names[-1]), float("nan"))
-                row.append(1 - value if "rate" in pattern else value)
+                row.append(1 - value if label.endswith("kept") else value)
             table[setting].append(row)
             print(f"{lit.hparams.arch} {ckpt.parent.name[:8]} {setting}: "
                   + ", ".join(f"{label} {value:.4f}" for (label, _), value in zip(KEYS, row)), flush=True)

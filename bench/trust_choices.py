@@ -30,10 +30,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_budget import machine  # noqa: E402
 
 
+def classifier_size(dm) -> int:
+    return int(dm.val_images.shape[-1])
+
+
+def synthetic(size: int, n: int, seed: int = 0):
+    """``n`` uint8 images, in turn uniform noise, 4x4 random blocks scaled up, and one flat random colour."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            x = rng.integers(0, 256, (3, size, size))
+        elif kind == 1:
+            x = np.kron(rng.integers(0, 256, (3, 4, 4)), np.ones((1, size // 4, size // 4), int))
+        else:
+            x = np.broadcast_to(rng.integers(0, 256, (3, 1, 1)), (3, size, size))
+        images.append(x)
+    return torch.from_numpy(np.stack(images).astype(np.uint8))
+
+
 def choose_score(classifier, config, dm, val, ids: np.ndarray, names: list[str]) -> None:
     """AUROC of each out-of-scope score between the in-scope validation split and the validation outliers."""
     from pipeline.calibration import fit_temperature, fit_temperature_by_confidence
     from pipeline.evaluation import auroc
+    import torch
+
     from pipeline.scope import bank_rows, knn_scores, outputs, threshold_for
 
     out = outputs(classifier, dm.outlier_val.cpu())
@@ -49,24 +73,67 @@ def choose_score(classifier, config, dm, val, ids: np.ndarray, names: list[str])
         top = z.max(1)
         return -(top + np.log(np.exp(z - top[:, None]).sum(1)))
 
-    def distance(o):
-        return knn_scores(bank, o.features.numpy(), config.out_of_scope.k)
+    size, k = config.out_of_scope.bank_size, config.out_of_scope.k
+    # the same bank size, an equal share from every source (photographs are a quarter of a random bank)
+    by_source = torch.cat([members[bank_rows(len(members), size // len(names), config.seed)]
+                           for members in (torch.nonzero(dm.train_source.cpu() == s).flatten() for s in range(len(names)))])
+    even = outputs(classifier, dm.train_images[by_source].cpu()).features.numpy()
+    # the outliers trained on (never the held-out classes): how much nearer an image is to them than to the bank
+    trained_out = outputs(classifier, dm.outlier_train[bank_rows(len(dm.outlier_train), size, config.seed)].cpu())
+    outlier_bank = trained_out.features.numpy()
 
+    def distance(o, rows=bank):
+        return knn_scores(rows, o.features.numpy(), k)
+
+    def relative(o, rows=bank):
+        return distance(o, rows) - distance(o, outlier_bank)
+
+    synth = outputs(classifier, synthetic(classifier_size(dm), 600))
     ev, eo, kv, ko = energy(val), energy(out), distance(val), distance(out)
     sv, so = energy(val, val.calibrated(shaped)), energy(out, out.calibrated(shaped))
-    ez = lambda e: (e - ev.mean()) / ev.std()  # noqa: E731
-    kz = lambda k: (k - kv.mean()) / kv.std()  # noqa: E731
-    sz = lambda e: (e - sv.mean()) / sv.std()  # noqa: E731
+    bv, bo, rv, ro = distance(val, even), distance(out, even), relative(val), relative(out)
+    qv, qo = relative(val, even), relative(out, even)
+    z = lambda x, ref: (x - ref.mean()) / ref.std()  # noqa: E731
+    ez = lambda e: z(e, ev)  # noqa: E731
+    kz = lambda k: z(k, kv)  # noqa: E731
+    sz = lambda e: z(e, sv)  # noqa: E731
     for name, (inside, outside) in {"energy": (ev, eo), "knn": (kv, ko),
                                     "combined": (np.maximum(ez(ev), kz(kv)), np.maximum(ez(eo), kz(ko))),
                                     "sum": (ez(ev) + kz(kv), ez(eo) + kz(ko)),
                                     # the energy of logits calibrated by confidence (calibration.by_confidence)
                                     "combined, T by confidence": (np.maximum(sz(sv), kz(kv)),
-                                                                  np.maximum(sz(so), kz(ko)))}.items():
+                                                                  np.maximum(sz(so), kz(ko))),
+                                    "knn, bank even by source": (bv, bo),
+                                    "combined, bank even": (np.maximum(ez(ev), z(bv, bv)),
+                                                            np.maximum(ez(eo), z(bo, bv))),
+                                    "knn - outlier knn": (rv, ro),
+                                    "combined, minus outlier knn": (np.maximum(ez(ev), z(rv, rv)),
+                                                                    np.maximum(ez(eo), z(ro, rv))),
+                                    "knn even - outlier knn": (qv, qo),
+                                    "combined, even, minus outlier": (np.maximum(ez(ev), z(qv, qv)),
+                                                                      np.maximum(ez(eo), z(qo, qv))),
+                                    # energy, with the kNN distance only as a guard for inputs far from every
+                                    # image (noise), `margin` validation standard deviations further out
+                                    **{f"combined, knn margin {m}": (np.maximum(ez(ev), kz(kv) - m),
+                                                                     np.maximum(ez(eo), kz(ko) - m))
+                                       for m in (1, 2, 3, 4)},
+                                    # energy at a higher temperature than the calibrated one: T_e x logsumexp(z / T_e)
+                                    **{f"combined, energy T x{t}, knn margin 1": (
+                                        np.maximum(z(t * energy(val, val.logits / temperature / t), t * energy(
+                                            val, val.logits / temperature / t)), kz(kv) - 1),
+                                        np.maximum(z(t * energy(out, out.logits / temperature / t), t * energy(
+                                            val, val.logits / temperature / t)), kz(ko) - 1)) for t in (2, 5)}}.items():
         threshold = threshold_for(inside, 0.95, ids)
         per = " ".join(f"{n} {auroc(inside[ids == i], outside):.3f}" for i, n in enumerate(names))
+        # synthetic inputs no photograph resembles: energy alone passes them (docs/trust.md)
+        es, ks = ez(energy(synth)), kz(distance(synth))
+        margin = float(name.rsplit(" ", 1)[1]) if "margin" in name else 0.0
+        noise = {"energy": es, "knn": ks, "combined": np.maximum(es, ks)}.get(
+            name, np.maximum(es, ks - margin) if "margin" in name and "energy T" not in name else None)
+        flags = "" if noise is None else " noise/blocks/flat flagged " + "/".join(
+            f"{np.mean(noise[i::3] > threshold):.2f}" for i in range(3))
         print(f"  score {name:25s} AUROC {auroc(inside, outside):.3f} ({per}), outliers flagged "
-              f"{np.mean(outside > threshold):.3f}")
+              f"{np.mean(outside > threshold):.3f}{flags}")
 
 
 def main() -> None:

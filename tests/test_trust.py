@@ -203,6 +203,7 @@ def test_the_energy_score_in_the_graph_is_minus_the_logsumexp_of_the_calibrated_
 
 
 def test_the_combined_score_is_the_larger_of_the_two_in_validation_deviations(tmp_path):
+    """model.onnx computes max(energy z-score, kNN z-score - knn_margin), as the trust step measured it."""
     from pipeline.export import export_onnx
     from pipeline.runtime.onnx_model import OnnxClassifier
     from pipeline.scope import CombinedScore, EnergyScore
@@ -211,7 +212,7 @@ def test_the_combined_score_is_the_larger_of_the_two_in_validation_deviations(tm
     classifier = Classifier(build_model("lenet", 4), [0.5] * 3, [0.25] * 3, tta=1, temperature=0.8).eval()
     bank = features(classifier, torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8))
     knn = NearestNeighbourScore(bank, k=3)
-    scorer = CombinedScore(knn, (-2.0, 0.5), (0.1, 0.05))
+    scorer = CombinedScore(knn, (-2.0, 0.5), (0.1, 0.05), margin=1.0)
     path = export_onnx(Deployed(classifier, scorer), 32, tmp_path / "model.onnx")
     model = OnnxClassifier(path, {"classes": ["bird", "boat", "cat", "dog"], "image_size": 32,
                                   "out_of_scope": {"score": "combined", "threshold": 1.0}})
@@ -221,7 +222,7 @@ def test_the_combined_score_is_the_larger_of_the_two_in_validation_deviations(tm
         feats, logits = classifier.features_and_logits(images.float() / 255)
         energy = EnergyScore()(feats, logits / 0.8).numpy()
     distance = knn_scores(bank.numpy(), feats.numpy(), 3)
-    np.testing.assert_allclose(scores, np.maximum((energy + 2.0) / 0.5, (distance - 0.1) / 0.05), atol=1e-3)
+    np.testing.assert_allclose(scores, np.maximum((energy + 2.0) / 0.5, (distance - 0.1) / 0.05 - 1.0), atol=1e-3)
 
 
 def test_publishing_runs_each_split_through_the_net_once():

@@ -313,6 +313,9 @@ class OutOfScopeSettings:
     k: int = setting(10, "knn, combined: which neighbour", within="[1, 1000]")
     bank_size: int = setting(4000, "knn, combined: training images whose features sit in model.onnx",
                              within="[1, 1000000]")
+    knn_margin: float = setting(1.0, "combined: the distance counts only this many validation standard deviations "
+                                     "above energy's, a guard for noise (0 before; 1 chosen on validation with "
+                                     "outliers in training, docs/trust.md)", within="[0, 100]")
     keep: float = setting(0.95, "the threshold keeps this share of each source's validation images in scope",
                           within="[0.5, 1)")
 

@@ -9,7 +9,7 @@ Three scores, chosen with ``out_of_scope.score`` (docs/trust.md has the measurem
   features (Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors"). The bank
   sits in ``model.onnx`` as a constant.
 - ``combined`` (the default): the larger of the two, each in standard deviations from its mean on the
-  validation split (those four numbers are in the graph too).
+  validation split (those four numbers are in the graph too), the distance's less ``knn_margin``.
 
 Either way the score is an output of ``model.onnx``, so the service, ``pipeline predict`` and
 ``pipeline evaluate`` all get it from the graph and stay torch-free. The threshold keeps ``keep``
@@ -57,19 +57,23 @@ class NearestNeighbourScore(nn.Module):
 
 
 class CombinedScore(nn.Module):
-    """max((energy - mean) / std, (knn - mean) / std), with the means and stds of the validation split."""
+    """max((energy - mean) / std, (knn - mean) / std - margin), with the means and stds of the validation split.
+
+    ``margin`` (``out_of_scope.knn_margin``) lets energy rank the images that look like photographs and keeps
+    the distance as a guard for inputs far from every training image (noise), which energy may pass.
+    """
 
     name = "combined"
 
     def __init__(self, knn: NearestNeighbourScore, energy_stats: tuple[float, float],
-                 knn_stats: tuple[float, float]) -> None:
+                 knn_stats: tuple[float, float], margin: float = 0.0) -> None:
         super().__init__()
-        self.knn, self.energy = knn, EnergyScore()
+        self.knn, self.energy, self.margin = knn, EnergyScore(), float(margin)
         self.register_buffer("stats", torch.tensor([*energy_stats, *knn_stats], dtype=torch.float32))
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         energy = (self.energy(features, logits) - self.stats[0]) / self.stats[1]
-        distance = (self.knn(features) - self.stats[2]) / self.stats[3]
+        distance = (self.knn(features) - self.stats[2]) / self.stats[3] - self.margin
         return torch.maximum(energy, distance)
 
 

@@ -165,7 +165,8 @@ def make_trustworthy(config: Config, classifier: torch.nn.Module, dm) -> tuple[D
         if scope.score == "combined":
             energy, distance = scored(EnergyScore(), val), scored(knn, val)
             scorer = CombinedScore(knn, (float(energy.mean()), float(energy.std())),
-                                   (float(distance.mean()), float(distance.std())))
+                                   (float(distance.mean()), float(distance.std())), scope.knn_margin)
+            described.update(knn_margin=scope.knn_margin)
 
     val_scores = scored(scorer, val)
     threshold = threshold_for(val_scores, scope.keep, val_source)
